@@ -1,0 +1,264 @@
+"""Look-at cameras, random views and random lights for SDS fitting.
+
+Conventions (docs/design.md):
+
+* World frame: +y up, the face looks towards +z, the head is centred at the origin with
+  bounding radius 1.
+* Azimuth 0° puts the camera on +z (looking at the face); azimuth increases towards +x.
+  Elevation > 0 is above. `orbit_camera` puts the eye at
+  `distance * (cos(el) sin(az), sin(el), cos(el) cos(az))`, looking at the origin.
+* View frame: +x right, +y up, the camera looks down −z. `Camera.world_to_view` maps
+  homogeneous world points to it.
+* Perspective projection for square images: `depth = −z_v`,
+  `ndc = focal * (x_v, y_v) / depth` with `focal = 1 / tan(fov_y / 2)`. NDC x grows to the
+  right and NDC y grows upwards; the image spans [−1, 1]² (row 0 is the top, NDC y = +1).
+
+Everything here takes and returns arrays, so it jits and vmaps (vmap over keys with the
+`CameraRanges` closed over: `jax.vmap(lambda k: sample_camera(k, ranges))(keys)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+
+VIEW_SUFFIXES = ("front view", "side view", "back view", "overhead view")
+
+
+@struct.dataclass
+class Camera:
+  """A pinhole camera for square images.
+
+  Attributes:
+    world_to_view: (4, 4) rigid transform from world to view coordinates.
+    focal: () `1 / tan(fov_y / 2)`; NDC x = focal * x_v / −z_v.
+    eye: (3,) camera centre in world coordinates.
+  """
+  world_to_view: Array
+  focal: Array
+  eye: Array
+
+
+@struct.dataclass
+class Light:
+  """A directional light with ambient and Lambertian terms.
+
+  Shaded colour = albedo * (ambient + diffuse * max(0, n · direction)).
+
+  Attributes:
+    direction: (3,) world-space unit vector pointing from the surface towards the light.
+    ambient: () ambient intensity.
+    diffuse: () diffuse intensity.
+    textureless: () 1.0 renders with the constant grey albedo instead of the texture
+      (DreamFusion's "textureless" renders), 0.0 uses the texture; values between blend.
+  """
+  direction: Array
+  ambient: Array
+  diffuse: Array
+  textureless: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class CameraRanges:
+  """Ranges of random cameras (degrees; distance in units of the head's bounding radius).
+
+  The azimuth is face-biased: with probability `1 − back_view_prob` it is drawn from a
+  normal around 0° with std `azimuth_spread`, truncated to [−180°, 180°]; otherwise it is
+  uniform on [−180°, 180°), so the back of the head is seen too. With the defaults about
+  44% of the views are front views (|azimuth| < 45°) and about 9% are back views.
+
+  The default distance and fov keep the unit bounding sphere at an NDC radius of about
+  0.8–1.15 (`focal * r / sqrt(d² − r²)`), so a head (whose half-height is smaller than its
+  bounding radius) fills most of the frame without being cropped.
+  """
+  azimuth_spread: float = 70.0
+  back_view_prob: float = 0.2
+  elevation_range: tuple[float, float] = (-10.0, 45.0)
+  distance_range: tuple[float, float] = (2.6, 3.2)
+  fov_range: tuple[float, float] = (40.0, 45.0)
+
+
+def _normalize(v: Array, eps: float = 1e-12) -> Array:
+  return v / jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), eps))
+
+
+def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0), fov_deg=40.0) -> Camera:
+  """A camera at `eye` looking at `target`.
+
+  Args:
+    eye: (3,) camera centre.
+    target: (3,) point the camera looks at.
+    up: (3,) approximate up direction. When it is parallel to the viewing direction
+      (looking straight down or up), world −z or +z is used instead so the result stays
+      finite.
+    fov_deg: () vertical field of view in degrees.
+
+  Returns:
+    The camera; its view frame has −z towards `target`.
+  """
+  eye = jnp.asarray(eye, dtype=jnp.result_type(float))
+  dtype = eye.dtype
+  target = jnp.asarray(target, dtype)
+  up = jnp.asarray(up, dtype)
+  chex.assert_shape([eye, target, up], (3,))
+  z_axis = _normalize(eye - target)  # the camera looks down −z
+  x_raw = jnp.cross(up, z_axis)
+  # Overhead views: fall back to an up vector that is not parallel to the view direction.
+  fallback_up = jnp.where(z_axis[1] > 0, jnp.array([0.0, 0.0, -1.0], dtype),
+                          jnp.array([0.0, 0.0, 1.0], dtype))
+  degenerate = jnp.sum(x_raw * x_raw) < 1e-12
+  x_raw = jnp.where(degenerate, jnp.cross(fallback_up, z_axis), x_raw)
+  x_axis = _normalize(x_raw)
+  y_axis = jnp.cross(z_axis, x_axis)
+  rotation = jnp.stack([x_axis, y_axis, z_axis])  # rows: view axes in world coordinates
+  translation = -rotation @ eye
+  world_to_view = jnp.eye(4, dtype=dtype)
+  world_to_view = world_to_view.at[:3, :3].set(rotation).at[:3, 3].set(translation)
+  focal = 1.0 / jnp.tan(jnp.deg2rad(jnp.asarray(fov_deg, dtype)) / 2)
+  return Camera(world_to_view=world_to_view, focal=focal, eye=eye)
+
+
+def orbit_position(azimuth_deg, elevation_deg, distance) -> Array:
+  """(3,) eye position on a sphere around the origin (see the module docstring)."""
+  az = jnp.deg2rad(jnp.asarray(azimuth_deg, jnp.result_type(float)))
+  el = jnp.deg2rad(jnp.asarray(elevation_deg, az.dtype))
+  return jnp.asarray(distance, az.dtype) * jnp.stack(
+      [jnp.cos(el) * jnp.sin(az), jnp.sin(el), jnp.cos(el) * jnp.cos(az)])
+
+
+def orbit_camera(azimuth_deg, elevation_deg, distance, fov_deg=40.0) -> Camera:
+  """A camera orbiting the origin and looking at it. All arguments are scalars."""
+  return look_at(orbit_position(azimuth_deg, elevation_deg, distance), fov_deg=fov_deg)
+
+
+def project_points(camera: Camera, points: Array) -> tuple[Array, Array]:
+  """Projects world points to NDC.
+
+  Args:
+    camera: the camera.
+    points: (..., 3) world coordinates.
+
+  Returns:
+    ndc: (..., 2) NDC coordinates (x right, y up; the image is [−1, 1]²).
+    depth: (...,) view-space distance along −z (positive in front of the camera).
+  """
+  chex.assert_axis_dimension(points, -1, 3)
+  rotation = camera.world_to_view[:3, :3]
+  translation = camera.world_to_view[:3, 3]
+  view = points @ rotation.T + translation
+  depth = -view[..., 2]
+  # Points at or behind the eye get a tiny positive depth so the division stays finite;
+  # the rasterizer drops faces closer than `near` anyway.
+  safe_depth = jnp.where(depth > 1e-6, depth, 1e-6)
+  ndc = camera.focal * view[..., :2] / safe_depth[..., None]
+  return ndc, depth
+
+
+def pixel_centers(image_size: int, dtype=jnp.float32) -> Array:
+  """(S, S, 2) NDC (x, y) of pixel centres; row 0 is the top of the image (y = +1)."""
+  coords = (2.0 * jnp.arange(image_size, dtype=dtype) + 1.0) / image_size - 1.0
+  x = jnp.broadcast_to(coords[None, :], (image_size, image_size))
+  y = jnp.broadcast_to(-coords[:, None], (image_size, image_size))
+  return jnp.stack([x, y], axis=-1)
+
+
+def sample_camera(key: Array, ranges: CameraRanges = CameraRanges()
+                  ) -> tuple[Camera, Array, Array]:
+  """Draws a random orbit camera.
+
+  Args:
+    key: PRNG key.
+    ranges: the ranges (static config data; close over it under vmap).
+
+  Returns:
+    camera: the camera.
+    azimuth_deg: () azimuth in (−180, 180].
+    elevation_deg: () elevation.
+  """
+  k_mix, k_normal, k_uniform, k_el, k_dist, k_fov = jax.random.split(key, 6)
+  spread = max(float(ranges.azimuth_spread), 1e-6)
+  bound = 180.0 / spread
+  face_biased = spread * jax.random.truncated_normal(k_normal, -bound, bound)
+  uniform = jax.random.uniform(k_uniform, minval=-180.0, maxval=180.0)
+  take_uniform = jax.random.uniform(k_mix) < ranges.back_view_prob
+  azimuth = wrap_azimuth(jnp.where(take_uniform, uniform, face_biased))
+  elevation = jax.random.uniform(k_el, minval=ranges.elevation_range[0],
+                                 maxval=ranges.elevation_range[1])
+  distance = jax.random.uniform(k_dist, minval=ranges.distance_range[0],
+                                maxval=ranges.distance_range[1])
+  fov = jax.random.uniform(k_fov, minval=ranges.fov_range[0], maxval=ranges.fov_range[1])
+  return orbit_camera(azimuth, elevation, distance, fov), azimuth, elevation
+
+
+def sample_light(key: Array, camera: Camera, ambient=0.3, diffuse=0.7, shading_prob=1.0,
+                 textureless_prob=0.0, position_std=1.0) -> Light:
+  """Draws a DreamFusion-style random light.
+
+  The light position is drawn from N(camera eye, position_std² I) and the light shines from
+  that position towards the head at the origin, so the lit side mostly faces the camera.
+
+  Defaults: ambient 0.3 / diffuse 0.7 rather than DreamFusion's 0.1 / 0.9, because a head
+  seen from the side with 0.1 ambient leaves half the face nearly black, which Stable
+  Diffusion reads as a dark-skinned or shadowed face.
+
+  Args:
+    key: PRNG key.
+    camera: the view the light is drawn around.
+    ambient: () ambient intensity when shading is on.
+    diffuse: () diffuse intensity when shading is on.
+    shading_prob: probability of shading; otherwise the light is albedo-only
+      (ambient 1, diffuse 0). DreamFusion uses 0.75.
+    textureless_prob: probability of the grey albedo, drawn only when shading is on
+      (DreamFusion uses 0.5).
+    position_std: std of the light position around the eye.
+
+  Returns:
+    The light.
+  """
+  k_pos, k_shade, k_tex = jax.random.split(key, 3)
+  eye = camera.eye
+  position = eye + position_std * jax.random.normal(k_pos, eye.shape, eye.dtype)
+  direction = _normalize(position)
+  shaded = jax.random.uniform(k_shade) < shading_prob
+  textureless = jnp.logical_and(shaded, jax.random.uniform(k_tex) < textureless_prob)
+  dtype = eye.dtype
+  return Light(
+      direction=direction,
+      ambient=jnp.where(shaded, jnp.asarray(ambient, dtype), 1.0).astype(dtype),
+      diffuse=jnp.where(shaded, jnp.asarray(diffuse, dtype), 0.0).astype(dtype),
+      textureless=textureless.astype(dtype))
+
+
+def default_light(camera: Camera | None = None, direction=None, ambient=0.3,
+                  diffuse=0.7) -> Light:
+  """A fixed light: from `direction`, else from the camera eye (head-on light), else +z."""
+  if direction is None:
+    direction = camera.eye if camera is not None else jnp.array([0.0, 0.0, 1.0])
+  direction = _normalize(jnp.asarray(direction, jnp.result_type(float)))
+  dtype = direction.dtype
+  return Light(direction=direction, ambient=jnp.asarray(ambient, dtype),
+               diffuse=jnp.asarray(diffuse, dtype), textureless=jnp.zeros((), dtype))
+
+
+def wrap_azimuth(azimuth_deg) -> Array:
+  """Wraps degrees to (−180, 180]."""
+  a = jnp.asarray(azimuth_deg)
+  return 180.0 - jnp.mod(180.0 - a, 360.0)
+
+
+def view_index(azimuth_deg, elevation_deg) -> Array:
+  """int32 index into VIEW_SUFFIXES (jit-friendly, broadcasts).
+
+  'overhead view' if elevation > 60°, else 'front view' if |azimuth| < 45° (azimuth wrapped
+  to (−180°, 180°]), 'back view' if |azimuth| > 135°, else 'side view'.
+  """
+  a = jnp.abs(wrap_azimuth(azimuth_deg))
+  e = jnp.asarray(elevation_deg)
+  index = jnp.where(a < 45.0, 0, jnp.where(a > 135.0, 2, 1))
+  return jnp.where(e > 60.0, 3, index).astype(jnp.int32)

@@ -1,0 +1,164 @@
+"""The SDS update step: recovery with an analytic denoiser, prompt batching and sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdsjax import camera as camera_lib
+from sdsjax import config as config_lib
+from sdsjax import fit_step
+from sdsjax import morphable
+from sdsjax.models.stable_diffusion import load_stable_diffusion
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def sd():
+  return load_stable_diffusion("tiny-random")
+
+
+def fixed_view(azimuth=20.0, elevation=10.0):
+  cam = camera_lib.orbit_camera(jnp.float32(azimuth), jnp.float32(elevation), 2.8, 35.0)
+  light = camera_lib.default_light(cam, ambient=0.3, diffuse=0.7)
+  return fit_step.View(camera=cam, light=light, azimuth=jnp.float32(azimuth),
+                       elevation=jnp.float32(elevation))
+
+
+def test_recovery_with_analytic_denoiser(sd):
+  """Fitting against ε(z_t) = (z_t − √ᾱ·z*)/√(1−ᾱ), the exact optimum for data at z*."""
+  num_components = 10
+  cfg = config_lib.load_config(TINY, [dict(
+      num_components=num_components, steps=300, lr=0.05, lr_schedule="cosine",
+      weight_decay=0.0, grad_clip=10.0, view_prompts=False, render_resolution=48,
+      sd_resolution=64)])
+  head = morphable.load_model("builtin", num_components)
+  view = fixed_view()
+  settings = fit_step.raster_settings(cfg, cfg.render_resolution)
+  vae = sd.params["vae"]
+  abar = jnp.asarray(sd.alphas_cumprod, jnp.float32)
+
+  def render(weights):
+    image, _ = fit_step.render_view(head, {"weights": weights}, view, settings)
+    return jax.image.resize(image[None], (1, 64, 64, 3), method="bilinear")
+
+  w_star = 0.8 * jax.random.normal(jax.random.PRNGKey(42), (num_components,))
+  image_star = render(w_star)
+  z_star = sd.encode_image(vae, image_star)
+
+  def analytic_eps(z_target, z_t, t, emb):
+    a = abar[t][:, None, None, None]
+    return (z_t - jnp.sqrt(a) * z_target) / jnp.sqrt(1.0 - a)
+
+  step = jax.jit(fit_step.make_fit_step(cfg, head, sd.encode_image, analytic_eps,
+                                        view_sampler=lambda key, s: view))
+  frozen = fit_step.Frozen(vae_params=vae, unet_params=z_star, alphas_cumprod=abar)
+  emb = jnp.zeros((fit_step.NUM_EMBEDDING_ROWS, 4, 8))
+  state = fit_step.init_state(cfg, num_components)
+  key = jax.random.PRNGKey(0)
+  w0_err = float(jnp.linalg.norm(state.params["weights"] - w_star))
+  img0_err = float(jnp.mean((render(state.params["weights"]) - image_star) ** 2))
+  for _ in range(cfg.steps):
+    state, metrics = step(state, key, emb, frozen)
+  w = state.params["weights"]
+  w_err = float(jnp.linalg.norm(w - w_star))
+  img_err = float(jnp.mean((render(w) - image_star) ** 2))
+  assert int(state.skipped) == 0
+  assert w_err < w0_err / 5, (w0_err, w_err)
+  assert img_err < img0_err / 10, (img0_err, img_err)
+
+
+def run_separately_and_batched(sd, cfg, num_prompts, steps):
+  head = morphable.load_model(cfg.head, cfg.num_components)
+  step = fit_step.make_fit_step(cfg, head, sd.encode_image, sd.predict_noise)
+  frozen = fit_step.Frozen(vae_params=sd.params["vae"], unet_params=sd.params["unet"],
+                           alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32))
+  prompts = [f"a head number {i}" for i in range(num_prompts)]
+  from sdsjax.fit_run import embedding_table
+  emb = jnp.asarray(embedding_table(sd.encode_text, prompts, cfg))
+  seeds = [cfg.seed + i for i in range(num_prompts)]
+  keys = fit_step.prompt_keys(seeds)
+  init = fit_step.init_state(cfg, head.basis.shape[0])
+
+  batched = fit_step.make_batched_step(step, donate=False)
+  state = fit_step.batch_states([init] * num_prompts)
+  for _ in range(steps):
+    state, _ = batched(state, keys, emb, frozen)
+  together = np.asarray(state.params["weights"])
+
+  single = jax.jit(step)
+  alone = []
+  for i in range(num_prompts):
+    s = init
+    for _ in range(steps):
+      s, _ = single(s, keys[i], emb[i], frozen)
+    alone.append(np.asarray(s.params["weights"]))
+  return together, np.stack(alone)
+
+
+def test_four_prompts_batched_equal_four_runs(sd, tmp_path):
+  cfg = config_lib.load_config(TINY, [dict(num_components=12, steps=3)])
+  together, alone = run_separately_and_batched(sd, cfg, 4, 3)
+  assert np.abs(together).max() > 1e-3          # the step moved the weights
+  assert np.abs(together[0] - together[1]).max() > 1e-4   # prompts and seeds differ
+  np.testing.assert_allclose(together, alone, atol=2e-4, rtol=1e-3)
+
+  # The same four prompts sharded over 4 (forced) CPU devices give the same weights.
+  script = textwrap.dedent(f"""
+      import json, sys
+      import jax, jax.numpy as jnp, numpy as np
+      assert len(jax.devices()) == 4, jax.devices()
+      from sdsjax import config as config_lib, fit_step, morphable
+      from sdsjax.fit_run import embedding_table, global_array
+      from sdsjax.models.stable_diffusion import load_stable_diffusion
+      cfg = config_lib.load_config({str(TINY)!r}, [dict(num_components=12, steps=3)])
+      sd = load_stable_diffusion("tiny-random")
+      head = morphable.load_model(cfg.head, cfg.num_components)
+      mesh = fit_step.prompt_mesh()
+      split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("prompts"))
+      rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      step = fit_step.make_batched_step(
+          fit_step.make_fit_step(cfg, head, sd.encode_image, sd.predict_noise), mesh)
+      prompts = [f"a head number {{i}}" for i in range(4)]
+      emb = global_array(embedding_table(sd.encode_text, prompts, cfg), split)
+      keys = global_array(np.asarray(fit_step.prompt_keys([cfg.seed + i for i in range(4)])), split)
+      state = fit_step.batch_states([fit_step.init_state(cfg, 12)] * 4)
+      state = jax.tree.map(lambda x: global_array(np.asarray(x), split), state)
+      frozen = fit_step.Frozen(vae_params=sd.params["vae"], unet_params=sd.params["unet"],
+                               alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32))
+      frozen = jax.tree.map(lambda x: global_array(np.asarray(x), rep), frozen)
+      for _ in range(3):
+        state, _ = step(state, keys, emb, frozen)
+      assert len(state.params["weights"].sharding.device_set) == 4
+      np.save(sys.argv[1], np.asarray(state.params["weights"]))
+  """)
+  out = tmp_path / "sharded.npy"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  proc = subprocess.run([sys.executable, "-c", script, str(out)], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  np.testing.assert_allclose(np.load(out), together, atol=2e-4, rtol=1e-3)
+
+
+def test_non_finite_gradient_is_skipped_and_counted(sd):
+  cfg = config_lib.load_config(TINY, [dict(num_components=6, steps=2)])
+  head = morphable.load_model("builtin", 6)
+  nan_eps = lambda params, z, t, emb: jnp.full_like(z, jnp.nan)
+  step = jax.jit(fit_step.make_fit_step(cfg, head, sd.encode_image, nan_eps))
+  frozen = fit_step.Frozen(vae_params=sd.params["vae"], unet_params=None,
+                           alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32))
+  state = fit_step.init_state(cfg, 6)
+  emb = jnp.zeros((fit_step.NUM_EMBEDDING_ROWS, 4, 8))  # ignored by nan_eps
+  new, metrics = step(state, jax.random.PRNGKey(0), emb, frozen)
+  assert int(new.skipped) == 1 and int(new.step) == 1
+  assert not bool(metrics["finite"])
+  np.testing.assert_array_equal(new.params["weights"], state.params["weights"])

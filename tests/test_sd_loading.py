@@ -1,0 +1,375 @@
+"""Loading Stable Diffusion: tiny-random, folders, hub ids offline, bad checkpoints, the schedule."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from sdsjax.errors import CheckpointError
+from sdsjax.models import hub
+from sdsjax.models import stable_diffusion as sd_lib
+from sdsjax.models import tiny_random
+
+UNET_KEY = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+  """SDSJAX_CACHE pointed at a fresh temp dir for the whole module."""
+  with pytest.MonkeyPatch.context() as mp:
+    root = tmp_path_factory.mktemp("sdsjax_cache")
+    mp.setenv("SDSJAX_CACHE", str(root))
+    yield root
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_cache):
+  return sd_lib.load_stable_diffusion("tiny-random")
+
+
+@pytest.fixture
+def folder_copy(sd, tmp_path):
+  """A writable copy of the tiny-random folder."""
+  return Path(shutil.copytree(sd.folder, tmp_path / "ckpt"))
+
+
+def assert_one_line_error(excinfo, *fragments):
+  message = str(excinfo.value)
+  assert "\n" not in message, message
+  for fragment in fragments:
+    assert fragment in message, message
+  # Raised `from None`: the user sees one error, not a chain of library tracebacks.
+  error = excinfo.value
+  assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+  return message
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny-random
+
+
+def test_tiny_random_loads(sd, tiny_cache):
+  assert sd.folder == tiny_cache / f"tiny-random-{tiny_random.VERSION}"
+  assert set(sd.params) == {"unet", "vae", "text_encoder"}
+  assert sd.scaling_factor == pytest.approx(0.18215)
+  assert sd.prediction_type == "epsilon"
+  assert sd.alphas_cumprod.shape == (1000,) and sd.alphas_cumprod.dtype == np.float32
+  emb = sd.encode_text(["a photo of an old man", "a bald pirate"])
+  z = sd.encode_image(sd.params["vae"], jnp.full((2, 64, 64, 3), 0.5))
+  assert z.shape == (2, 8, 8, 4) and z.dtype == jnp.float32
+  eps = sd.predict_noise(sd.params["unet"], z, jnp.array([10, 900]), emb)
+  assert eps.shape == z.shape and bool(jnp.all(jnp.isfinite(eps)))
+  assert 0.05 < float(jnp.std(eps)) < 20.0        # O(1) activations
+  image = sd.decode_latents(sd.params["vae"], z)
+  assert image.shape == (2, 64, 64, 3)
+  assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+  # A second load reuses the cached folder.
+  again = sd_lib.resolve_checkpoint("tiny-random")
+  assert again == sd.folder
+
+
+def test_tiny_random_is_deterministic(sd, tmp_path):
+  a = tiny_random.write_tiny_random(tmp_path / "a")
+  b = tiny_random.write_tiny_random(tmp_path / "b")
+  for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+              "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+    assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert (a / rel).read_bytes() == (sd.folder / rel).read_bytes(), rel
+  loaded = sd_lib.load_stable_diffusion(b)
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, sd.params)
+
+
+def test_tiny_random_loads_in_pytorch(sd):
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  transformers = pytest.importorskip("transformers")
+  del torch
+  for cls, sub in ((diffusers.UNet2DConditionModel, "unet"), (diffusers.AutoencoderKL, "vae"),
+                   (transformers.CLIPTextModel, "text_encoder")):
+    _, info = cls.from_pretrained(sd.folder / sub, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (
+        sub, info)
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(sd.folder / "tokenizer")
+  ids = tokenizer("a photo of an old man")["input_ids"]
+  assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+  assert len(ids) == 2 + 6     # whole words are single tokens in the tiny vocabulary
+
+
+def test_encode_text_matches_transformers(sd):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  prompts = ["a photo of an old man, front view", "A bald PIRATE!", ""]
+  emb = sd.encode_text(prompts)
+  assert emb.shape == (3, 77, 32)
+  ids = sd.tokenize(prompts)
+  model = transformers.CLIPTextModel.from_pretrained(sd.folder / "text_encoder").eval()
+  with torch.no_grad():
+    ref = model(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+  np.testing.assert_array_equal(ids[:, 0], sd.tokenizer.bos_token_id)
+  assert np.abs(np.asarray(emb) - ref).max() / max(1.0, np.abs(ref).max()) < 1e-4
+
+
+def test_gradients_flow_through_encode_image(sd):
+  images = jax.random.uniform(jax.random.PRNGKey(0), (1, 32, 32, 3), minval=0.1, maxval=0.9)
+  weights = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 4, 4))
+
+  def scalar(x):
+    return jnp.sum(sd.encode_image(sd.params["vae"], x) * weights)
+
+  grad = jax.jit(jax.grad(scalar))(images)
+  assert grad.shape == images.shape and bool(jnp.all(jnp.isfinite(grad)))
+  assert float(jnp.abs(grad).max()) > 0.0
+  direction = jax.random.normal(jax.random.PRNGKey(2), images.shape)
+  direction = direction / jnp.linalg.norm(direction)
+  step = 1e-2
+  f = jax.jit(scalar)
+  finite_difference = (f(images + step * direction) - f(images - step * direction)) / (2 * step)
+  analytic = jnp.vdot(grad, direction)
+  assert abs(float(finite_difference - analytic)) / abs(float(analytic)) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad checkpoints.
+
+
+def rewrite_unet(folder, edit):
+  path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+  state = load_file(str(path))
+  edit(state)
+  save_file(state, str(path))
+
+
+def test_missing_tensor_names_the_key(folder_copy):
+  rewrite_unet(folder_copy, lambda state: state.pop(UNET_KEY))
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion(folder_copy)
+  assert_one_line_error(excinfo, UNET_KEY, "unet")
+
+
+def test_misshaped_tensor_names_the_key(folder_copy):
+  def edit(state):
+    state[UNET_KEY] = np.zeros((32, 31), np.float32)
+  rewrite_unet(folder_copy, edit)
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion(folder_copy)
+  assert_one_line_error(excinfo, UNET_KEY, "unet")
+
+
+@pytest.mark.parametrize("remove, named", [
+    ("vae", "vae/"),
+    ("tokenizer", "tokenizer/"),
+    ("unet/config.json", "unet/config.json"),
+    ("scheduler/scheduler_config.json", "scheduler/scheduler_config.json"),
+    ("text_encoder/model.safetensors", "model.safetensors"),
+    ("tokenizer/merges.txt", "tokenizer/merges.txt"),
+])
+def test_incomplete_folder_names_what_is_missing(folder_copy, remove, named):
+  target = folder_copy / remove
+  shutil.rmtree(target) if target.is_dir() else target.unlink()
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion(folder_copy)
+  assert_one_line_error(excinfo, named)
+
+
+def test_pickled_weights_only_and_bad_specs(folder_copy, tmp_path):
+  weights = folder_copy / "vae" / "diffusion_pytorch_model.safetensors"
+  weights.rename(weights.with_suffix(".bin"))
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion(folder_copy)
+  assert_one_line_error(excinfo, "diffusion_pytorch_model.bin", "safetensors")
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion(tmp_path / "does-not-exist")
+  assert_one_line_error(excinfo, "does-not-exist")
+  (tmp_path / "model.ckpt").write_bytes(b"x")
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion(tmp_path / "model.ckpt")
+  assert_one_line_error(excinfo, "diffusers-format folder")
+
+
+def test_truncated_safetensors(folder_copy):
+  path = folder_copy / "vae" / "diffusion_pytorch_model.safetensors"
+  path.write_bytes(path.read_bytes()[:1000])
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion(folder_copy)
+  assert_one_line_error(excinfo, "download it again")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight file variants: fp16 only, sharded, bfloat16.
+
+
+def test_fp16_variant_sharded_and_bfloat16(sd, folder_copy):
+  torch = pytest.importorskip("torch")
+  from safetensors.torch import save_file as save_torch
+  # unet: only the fp16 variant file.
+  unet_path = folder_copy / "unet" / "diffusion_pytorch_model.safetensors"
+  state = load_file(str(unet_path))
+  save_file({k: v.astype(np.float16) for k, v in state.items()},
+            str(folder_copy / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+  unet_path.unlink()
+  # text_encoder: two shards and an index.
+  te_path = folder_copy / "text_encoder" / "model.safetensors"
+  state = load_file(str(te_path))
+  keys = sorted(state)
+  shards = {"model-00001-of-00002.safetensors": keys[::2],
+            "model-00002-of-00002.safetensors": keys[1::2]}
+  for name, shard_keys in shards.items():
+    save_file({k: state[k] for k in shard_keys}, str(folder_copy / "text_encoder" / name))
+  weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
+  (folder_copy / "text_encoder" / "model.safetensors.index.json").write_text(
+      json.dumps({"metadata": {}, "weight_map": weight_map}))
+  te_path.unlink()
+  # vae: bfloat16, which numpy cannot read natively.
+  vae_path = folder_copy / "vae" / "diffusion_pytorch_model.safetensors"
+  state = load_file(str(vae_path))
+  save_torch({k: torch.from_numpy(v).bfloat16() for k, v in state.items()}, str(vae_path))
+
+  loaded = sd_lib.load_stable_diffusion(folder_copy)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3),
+               loaded.params["unet"], sd.params["unet"])
+  jax.tree.map(np.testing.assert_array_equal, loaded.params["text_encoder"],
+               sd.params["text_encoder"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2),
+               loaded.params["vae"], sd.params["vae"])
+
+  # A shard the index names but that is missing.
+  (folder_copy / "text_encoder" / "model-00002-of-00002.safetensors").unlink()
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion(folder_copy)
+  assert_one_line_error(excinfo, "model-00002-of-00002.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub ids, without any network.
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+  """An empty Hugging Face cache; the network is off and every attempt to use it fails loudly."""
+  import huggingface_hub.constants
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  real_snapshot = hub._snapshot
+
+  def local_only_snapshot(repo_id, local_only, fp16=False):
+    if not local_only:
+      raise AssertionError("a test tried to reach the Hugging Face Hub")
+    return real_snapshot(repo_id, local_only=True, fp16=fp16)
+
+  monkeypatch.setattr(hub, "_snapshot", local_only_snapshot)
+  return tmp_path / "hf" / "hub"
+
+
+def test_offline_without_cache_says_what_to_download(empty_hub):
+  repo = "stabilityai/stable-diffusion-2-1-base"
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion(repo)
+  message = assert_one_line_error(excinfo, f"hf download {repo}", "--model /path/to/folder",
+                                  "text_encoder/model.safetensors")
+  assert ".bin" not in message
+
+
+def test_unreachable_hub_says_what_to_download(empty_hub, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+  def no_network(repo_id, local_only, fp16=False):
+    raise ConnectionError("[Errno 101] Network is unreachable")
+
+  monkeypatch.setattr(hub, "_snapshot", no_network)
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
+  assert_one_line_error(excinfo, "cannot reach the Hugging Face Hub",
+                        "hf download stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def test_hub_id_found_in_cache(sd, empty_hub):
+  """A repo already in the HF cache loads offline, by id."""
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  repo_dir = empty_hub / "models--someone--tiny-sd"
+  (repo_dir / "refs").mkdir(parents=True)
+  (repo_dir / "refs" / "main").write_text(commit)
+  shutil.copytree(sd.folder, repo_dir / "snapshots" / commit)
+  loaded = sd_lib.load_stable_diffusion("someone/tiny-sd")
+  assert loaded.folder == repo_dir / "snapshots" / commit
+  np.testing.assert_array_equal(loaded.encode_text(["a head"]), sd.encode_text(["a head"]))
+  # An incomplete cached copy: the message says what is missing from it.
+  (repo_dir / "snapshots" / commit / "vae" / "config.json").unlink()
+  with pytest.raises(CheckpointError) as excinfo:
+    sd_lib.load_stable_diffusion("someone/tiny-sd")
+  assert_one_line_error(excinfo, "hf download someone/tiny-sd", "incomplete", "vae/config.json")
+
+
+def test_download_patterns_skip_pickles_and_extras():
+  import fnmatch
+  patterns = hub.download_patterns()
+
+  def allowed(path):
+    return any(fnmatch.fnmatch(path, p) for p in patterns)
+
+  for path in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+               "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
+               "scheduler/scheduler_config.json", "vae/diffusion_pytorch_model.safetensors",
+               "unet/diffusion_pytorch_model-00001-of-00002.safetensors"):
+    assert allowed(path), path
+  for path in ("unet/diffusion_pytorch_model.bin", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors",
+               "safety_checker/model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+               "unet/diffusion_pytorch_model.non_ema.safetensors", "text_encoder/pytorch_model.bin"):
+    assert not allowed(path), path
+  assert any(fnmatch.fnmatch("unet/diffusion_pytorch_model.fp16.safetensors", p)
+             for p in hub.download_patterns(fp16=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise schedule and prediction types.
+
+
+@pytest.mark.parametrize("config", [
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    dict(beta_schedule="squaredcos_cap_v2"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+         rescale_betas_zero_snr=True, num_train_timesteps=500),
+])
+def test_alphas_cumprod_match_diffusers(config):
+  diffusers = pytest.importorskip("diffusers")
+  reference = diffusers.DDPMScheduler(**config).alphas_cumprod.numpy()
+  ours = sd_lib.alphas_cumprod_from_config(config)
+  assert ours.shape == reference.shape and ours.dtype == np.float32
+  np.testing.assert_allclose(ours, reference, rtol=2e-5, atol=1e-7)
+
+
+def test_unknown_schedule_is_a_checkpoint_error():
+  with pytest.raises(CheckpointError, match="beta_schedule"):
+    sd_lib.alphas_cumprod_from_config({"beta_schedule": "karras"})
+
+
+def test_v_prediction_converted_to_epsilon(folder_copy):
+  config_path = folder_copy / "scheduler" / "scheduler_config.json"
+  config = json.loads(config_path.read_text())
+  config["prediction_type"] = "v_prediction"
+  config_path.write_text(json.dumps(config))
+  sd = sd_lib.load_stable_diffusion(folder_copy)
+  assert sd.prediction_type == "v_prediction"
+  z_t = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+  t = jnp.array([3, 801])
+  emb = sd.encode_text(["an old man", "a child"])
+  eps = np.asarray(sd.predict_noise(sd.params["unet"], z_t, t, emb))
+  v = np.asarray(sd.unet.apply({"params": sd.params["unet"]}, z_t, t, emb), np.float64)
+  abar = sd.alphas_cumprod.astype(np.float64)[np.asarray(t)][:, None, None, None]
+  expected = np.sqrt(abar) * v + np.sqrt(1.0 - abar) * np.asarray(z_t, np.float64)
+  np.testing.assert_allclose(eps, expected, rtol=1e-5, atol=1e-5)
+  assert np.abs(eps - v).max() > 1e-2     # the conversion did something
+
+  # The formula recovers the ε that made z_t from a clean x_0.
+  x0, noise = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 8, 8, 4))
+  a = jnp.asarray(sd.alphas_cumprod)[t][:, None, None, None]
+  z_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
+  v_true = jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * x0
+  np.testing.assert_allclose(sd.epsilon_from_output(v_true, z_t, t), noise, atol=1e-5)
