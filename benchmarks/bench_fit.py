@@ -128,6 +128,17 @@ def prompts_for(num: int) -> list[str]:
 
 
 def peak_rss_mb() -> float:
+  """This process's peak RSS: VmHWM, else getrusage's ru_maxrss.
+
+  ru_maxrss survives fork + exec on Linux, so a child started by a big parent would report the
+  parent's size; VmHWM belongs to the child's own address space.
+  """
+  try:
+    for line in Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -302,6 +313,13 @@ def bench(args) -> dict:
   cfg = fit_config(args.config, folder, args.dtype)
   impls = [i for i in IMPLS if i in args.impls]
   steps = args.steps or DEFAULT_STEPS[args.config]
+  # Peak memory first, from children started while this process is still small.
+  memory = {}
+  if args.memory:
+    for num_prompts in (args.prompts if args.memory == "all" else [max(args.prompts)]):
+      for impl in impls:
+        memory[impl, num_prompts] = measure_memory(args, impl, num_prompts)
+        log(f"P={num_prompts} {impl}: memory {memory[impl, num_prompts]}")
   t0 = time.perf_counter()
   shared = load_shared(cfg, impls, args.torch_compile)
   load_s = time.perf_counter() - t0
@@ -352,15 +370,10 @@ def bench(args) -> dict:
       stages = breakdown(cfg, shared, num_prompts)
       results["breakdown"][str(num_prompts)] = stages
       log(f"P={num_prompts} breakdown: {stages}")
-  if args.memory:
-    sizes = args.prompts if args.memory == "all" else [max(args.prompts)]
-    for num_prompts in sizes:
-      for impl in impls:
-        mem = measure_memory(args, impl, num_prompts)
-        log(f"P={num_prompts} {impl}: memory {mem}")
-        for row in results["runs"]:
-          if row["impl"] == impl and row["prompts"] == num_prompts:
-            row.update(mem)
+  for (impl, num_prompts), mem in memory.items():
+    for row in results["runs"]:
+      if row["impl"] == impl and row["prompts"] == num_prompts:
+        row.update(mem)
   return results
 
 

@@ -16,6 +16,13 @@ import numpy as np
 from PIL import Image
 
 
+def _default_mode() -> int:
+  """0o666 less the process umask: what open() would have given the file."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
   """Yields a temporary file beside `path`, renamed onto it only when the block succeeds."""
@@ -25,6 +32,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
   try:
     with os.fdopen(fd, mode) as f:
       yield f
+    os.chmod(tmp, _default_mode())   # mkstemp makes 0600 files; outputs should be shareable
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):

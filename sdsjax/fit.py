@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -27,8 +26,15 @@ from sdsjax.errors import ConfigError, SdsjaxError
 RUN_SPEC = "run_spec.json"
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose errors are one line (ConfigError) like every other bad input."""
+
+  def error(self, message):
+    raise ConfigError(f"{message} (see python -m sdsjax.fit --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = _Parser(
       prog="python -m sdsjax.fit",
       description="Fit a 3D morphable head to text prompts with Score Distillation Sampling.",
       epilog="Any config field can be overridden as KEY=VALUE (e.g. guidance_scale=50, "
@@ -58,21 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv):
   """argparse plus `--key=value` / `--key value` overrides of config fields."""
   parser = build_parser()
-  args, rest = parser.parse_known_args(argv)
-  overrides = list(args.overrides)
-  i = 0
-  while i < len(rest):
-    token = rest[i]
-    if not token.startswith("--"):
-      overrides.append(token)
-    elif "=" in token:
-      overrides.append(token[2:])
-    elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-      overrides.append(f"{token[2:]}={rest[i + 1]}")
-      i += 1
+  known = {flag for action in parser._actions for flag in action.option_strings}
+  takes_value = {flag for action in parser._actions for flag in action.option_strings
+                 if action.nargs != 0}
+  # Unknown --key [=] value pairs become KEY=VALUE overrides before argparse sees them.
+  rewritten, i = [], 0
+  while i < len(argv):
+    token = argv[i]
+    flag = token.split("=", 1)[0]
+    if token.startswith("--") and flag not in known:
+      if "=" in token:
+        rewritten.append(token[2:])
+      elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        rewritten.append(f"{token[2:]}={argv[i + 1]}")
+        i += 1
+      else:
+        raise ConfigError(f"unknown flag {token} (a config override needs a value: {token}=VALUE)")
     else:
-      raise ConfigError(f"unknown flag {token} (config overrides need a value: {token}=VALUE)")
+      rewritten.append(token)
+      if token in takes_value and i + 1 < len(argv):
+        rewritten.append(argv[i + 1])   # a flag's value is never an override
+        i += 1
     i += 1
+  args = parser.parse_intermixed_args(rewritten)
+  overrides: list = list(args.overrides)
   for name in ("model", "head", "steps", "seed", "texture"):
     value = getattr(args, name)
     if value is not None:
@@ -95,16 +110,6 @@ def read_prompts(args) -> list[str]:
     if not p.strip():
       raise ConfigError("empty prompt: every --prompt needs some text")
   return [p.strip() for p in prompts]
-
-
-def slugify(prompts: list[str]) -> list[str]:
-  """Folder names for prompts: lowercase words joined by '-', made unique."""
-  slugs, seen = [], {}
-  for p in prompts:
-    s = re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-")[:60].strip("-") or "prompt"
-    seen[s] = seen.get(s, 0) + 1
-    slugs.append(s if seen[s] == 1 else f"{s}-{seen[s]}")
-  return slugs
 
 
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -67,6 +68,16 @@ def make_preview_renderer(cfg: FitConfig, head: morphable.MorphableModel):
       params["texture_logits"] = jnp.log(texture / (1.0 - texture))
     return fit_step.render_view(head, params, view, settings)[0]
   return render
+
+
+def slugify(prompts: list[str]) -> list[str]:
+  """Folder names for prompts: lowercase words joined by '-', made unique."""
+  slugs, seen = [], {}
+  for p in prompts:
+    s = re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-")[:60].strip("-") or "prompt"
+    seen[s] = seen.get(s, 0) + 1
+    slugs.append(s if seen[s] == 1 else f"{s}-{seen[s]}")
+  return slugs
 
 
 class History:

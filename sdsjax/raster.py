@@ -14,10 +14,11 @@ Per face f with projected vertices p0, p1, p2 and depths z0, z1, z2:
 * Soft radius `r = sqrt(σ · ln(1/1e-4 − 1))`: beyond r outside a face, D < 1e-4.
 * Edge lines `e_i(p) = n_i · (p − p_i)` for edge p_i → p_{i+1}, with the unit normal n_i
   pointing into the triangle (so e_i ≥ 0 for all i ⇔ inside).
-* Inverse-depth plane `w(p) = Σ λ_i(p) / z_i` (affine in p; λ the unnormalised-free screen
-  barycentrics extended to the whole plane).
+* Inverse-depth plane `w(p) = Σ λ_i(p) / z_i`: affine in p, with λ the screen-space
+  barycentrics (below) extended to the whole plane.
 
-1. Binning. The padded image is cut into square tiles of `bin_size` pixels. Face f overlaps
+1. Binning. The image, padded up to a multiple of `bin_size` (padding pixels are computed
+   and cropped), is cut into square tiles of `bin_size` pixels. Face f overlaps
    tile t when `valid_f` and the face's NDC bounding box, grown by r on every side,
    intersects the rectangle spanned by the tile's pixel centres. Each tile keeps the
    `C = max_faces_per_bin` overlapping faces with the largest `−min_i z_i` (nearest first)
@@ -28,7 +29,8 @@ Per face f with projected vertices p0, p1, p2 and depths z0, z1, z2:
    `m(p) = min_i e_i(p) > −r` (inside the triangle grown by r along its edges). Score:
    `2 + clip(near · w(p), 0, 1)` when `m(p) ≥ 0` (the face contains the pixel centre;
    nearest first), else `1 + m(p)/r` (a soft neighbour; closest edge first). The K best
-   qualifying faces are kept (`jax.lax.top_k`, sorted by score); empty slots get face id −1.
+   qualifying faces are kept (`jax.lax.top_k`, sorted by score, ties to the lower index);
+   empty slots get face id −1.
    Covering faces come first so a pixel's own face is never pushed out by soft neighbours
    (which would leave speckle holes). Soft neighbours are ranked by distance, not depth: on
    a convex surface the extrapolated depth planes of far-off neighbours lie in front of the
@@ -104,7 +106,7 @@ class RasterSettings:
     near: near plane (view depth); faces with a vertex closer are dropped.
     far: far plane; faces with a vertex farther are dropped.
     faces_per_pixel: K.
-    bin_size: tile side in pixels; 0 picks 8 for S ≤ 128, else 16.
+    bin_size: tile side in pixels; 0 picks 4 for S ≤ 64, 8 for S ≤ 256, else 16.
     max_faces_per_bin: C, candidates kept per tile; 0 picks it from the face density
       (see `resolved_max_faces_per_bin`). Overflow is returned when a tile had more.
     cull_backfaces: drop clockwise (back-facing) faces in the selection pass.
@@ -154,7 +156,9 @@ class RasterSettings:
   def resolved_bin_size(self) -> int:
     if self.bin_size:
       return min(self.bin_size, self.image_size)
-    return min(8 if self.image_size <= 128 else 16, self.image_size)
+    # Small tiles at low resolution, where faces are sub-pixel and a tile holds many.
+    size = self.image_size
+    return min(4 if size <= 64 else 8 if size <= 256 else 16, size)
 
   def resolved_max_faces_per_bin(self, num_faces: int) -> int:
     """C for a mesh of `num_faces` faces (static: depends on shapes only).

@@ -60,3 +60,11 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
       f.write(b"partial")
       raise RuntimeError("boom")
   assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+  import os
+  export.write_png(tmp_path / "p.png", np.zeros((2, 2, 3)))
+  umask = os.umask(0)
+  os.umask(umask)
+  assert (tmp_path / "p.png").stat().st_mode & 0o777 == 0o666 & ~umask

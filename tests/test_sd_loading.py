@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion: tiny-random, folders, hub ids offline, bad checkpoints, the schedule."""
+"""Loading Stable Diffusion: tiny-random, folders, offline hub ids, bad checkpoints, schedules."""
 
 import json
 import shutil
@@ -126,7 +126,7 @@ def test_gradients_flow_through_encode_image(sd):
   assert float(jnp.abs(grad).max()) > 0.0
   direction = jax.random.normal(jax.random.PRNGKey(2), images.shape)
   direction = direction / jnp.linalg.norm(direction)
-  step = 1e-2
+  step = 3e-2   # fp32: large enough that rounding noise stays far below 1e-2 relative
   f = jax.jit(scalar)
   finite_difference = (f(images + step * direction) - f(images - step * direction)) / (2 * step)
   analytic = jnp.vdot(grad, direction)
@@ -320,7 +320,8 @@ def test_download_patterns_skip_pickles_and_extras():
     assert allowed(path), path
   for path in ("unet/diffusion_pytorch_model.bin", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors",
                "safety_checker/model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-               "unet/diffusion_pytorch_model.non_ema.safetensors", "text_encoder/pytorch_model.bin"):
+               "unet/diffusion_pytorch_model.non_ema.safetensors",
+               "text_encoder/pytorch_model.bin"):
     assert not allowed(path), path
   assert any(fnmatch.fnmatch("unet/diffusion_pytorch_model.fp16.safetensors", p)
              for p in hub.download_patterns(fp16=True))
@@ -350,18 +351,19 @@ def test_unknown_schedule_is_a_checkpoint_error():
     sd_lib.alphas_cumprod_from_config({"beta_schedule": "karras"})
 
 
-def test_v_prediction_converted_to_epsilon(folder_copy):
+def test_v_prediction_converted_to_epsilon(sd, folder_copy):
   config_path = folder_copy / "scheduler" / "scheduler_config.json"
   config = json.loads(config_path.read_text())
   config["prediction_type"] = "v_prediction"
   config_path.write_text(json.dumps(config))
-  sd = sd_lib.load_stable_diffusion(folder_copy)
-  assert sd.prediction_type == "v_prediction"
+  sd_v = sd_lib.load_stable_diffusion(folder_copy)
+  assert sd_v.prediction_type == "v_prediction"
   z_t = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
   t = jnp.array([3, 801])
   emb = sd.encode_text(["an old man", "a child"])
-  eps = np.asarray(sd.predict_noise(sd.params["unet"], z_t, t, emb))
-  v = np.asarray(sd.unet.apply({"params": sd.params["unet"]}, z_t, t, emb), np.float64)
+  eps = np.asarray(sd_v.predict_noise(sd_v.params["unet"], z_t, t, emb))
+  # Same weights, epsilon bundle: the raw UNet output, here v.
+  v = np.asarray(sd.predict_noise(sd.params["unet"], z_t, t, emb), np.float64)
   abar = sd.alphas_cumprod.astype(np.float64)[np.asarray(t)][:, None, None, None]
   expected = np.sqrt(abar) * v + np.sqrt(1.0 - abar) * np.asarray(z_t, np.float64)
   np.testing.assert_allclose(eps, expected, rtol=1e-5, atol=1e-5)
@@ -369,7 +371,7 @@ def test_v_prediction_converted_to_epsilon(folder_copy):
 
   # The formula recovers the ε that made z_t from a clean x_0.
   x0, noise = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 8, 8, 4))
-  a = jnp.asarray(sd.alphas_cumprod)[t][:, None, None, None]
+  a = jnp.asarray(sd_v.alphas_cumprod)[t][:, None, None, None]
   z_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
   v_true = jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * x0
-  np.testing.assert_allclose(sd.epsilon_from_output(v_true, z_t, t), noise, atol=1e-5)
+  np.testing.assert_allclose(sd_v.epsilon_from_output(v_true, z_t, t), noise, atol=1e-5)

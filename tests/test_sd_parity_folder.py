@@ -8,7 +8,7 @@ outputs compared with max|a − b| / max(1, max|b|) < 1e-4 in float32.
 """
 
 import json
-import shutil
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -41,8 +41,9 @@ SD15 = dict(
     legacy_vae_names=False,
 )
 SD21 = dict(
+    # One layer per block (SD-1.5 above has SD's two) keeps the compile, and the test, short.
     unet=dict(BLOCKS, sample_size=16, cross_attention_dim=64, attention_head_dim=(2, 4, 4, 8),
-              use_linear_projection=True, upcast_attention=True),
+              use_linear_projection=True, upcast_attention=True, layers_per_block=1),
     text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               hidden_act="gelu"),
     scheduler=dict(prediction_type="v_prediction"),
@@ -70,7 +71,7 @@ def write_folder(root, spec, seed):
   """Saves random PyTorch models with `spec`'s shapes as a diffusers-format folder."""
   torch.manual_seed(seed)
   folder = root / "checkpoint"
-  shutil.copytree(tiny_random.materialize_tiny_random() / "tokenizer", folder / "tokenizer")
+  tiny_random.write_tokenizer(folder / "tokenizer")
   vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
   if spec["pad_token"]:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -118,11 +119,12 @@ def nhwc(x):
 
 
 @pytest.mark.parametrize("name, spec", [("sd15", SD15), ("sd21", SD21)])
-def test_folder_matches_pytorch(name, spec, tmp_path, monkeypatch):
-  monkeypatch.setenv("SDSJAX_CACHE", str(tmp_path / "cache"))
+def test_folder_matches_pytorch(name, spec, tmp_path):
   torch.set_num_threads(2)
+  start = time.perf_counter()
   folder, unet, vae, text_encoder = write_folder(tmp_path, spec, seed=11 if name == "sd15" else 21)
   sd = sd_lib.load_stable_diffusion(folder)
+  print(f"{name}: written and loaded in {time.perf_counter() - start:.1f} s")
   errors = {}
   rng = np.random.default_rng(0)
 
@@ -146,7 +148,7 @@ def test_folder_matches_pytorch(name, spec, tmp_path, monkeypatch):
   errors["vae_decoded"] = relative_error(sd.decode_latents(sd.params["vae"], ref_latents),
                                          ref_images)
 
-  # UNet: the raw output, and ε after the prediction-type conversion.
+  # UNet: ε after the prediction-type conversion (v -> ε with diffusers' ᾱ for SD-2.1).
   z_t = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
   t = np.array([17, 733])
   emb = rng.standard_normal((2, 77, spec["unet"]["cross_attention_dim"])).astype(np.float32)
@@ -158,11 +160,8 @@ def test_folder_matches_pytorch(name, spec, tmp_path, monkeypatch):
     ref_eps = abar.sqrt() * raw + (1 - abar).sqrt() * nchw(z_t)
   else:
     ref_eps = raw
-  ours_raw = sd.unet.apply({"params": sd.params["unet"]}, jnp.asarray(z_t), jnp.asarray(t),
-                           jnp.asarray(emb))
-  errors["unet_raw"] = relative_error(ours_raw, nhwc(raw))
   errors["unet_eps"] = relative_error(
       sd.predict_noise(sd.params["unet"], jnp.asarray(z_t), jnp.asarray(t), jnp.asarray(emb)),
       nhwc(ref_eps))
-  print(name, {k: f"{v:.2e}" for k, v in errors.items()})
+  print(f"{name}: {time.perf_counter() - start:.1f} s,", {k: f"{v:.2e}" for k, v in errors.items()})
   assert all(v < TOLERANCE for v in errors.values()), errors

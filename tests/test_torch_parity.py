@@ -101,10 +101,20 @@ def test_bilinear_upsampling_matches(src, dst):
 
 def test_renders_match(setup):
   """The ported rasterizer selects the same faces and renders the same pixels."""
+  from sdsjax import raster as jax_raster
   cfg, head, inputs, weights = setup["cfg"], setup["head"], setup["inputs"], setup["weights"]
   settings = fit_step.raster_settings(cfg, cfg.render_resolution)
-  jax_rgb, _ = jax.vmap(lambda v: fit_step.render_view(head, {"weights": weights}, v,
-                                                       settings))(inputs.views)
+
+  @jax.jit
+  def jax_render(weights, views):
+    def one(view):
+      rgb, _ = fit_step.render_view(head, {"weights": weights}, view, settings)
+      projected = jax_raster.project_mesh(morphable.vertices(head, weights), head.faces,
+                                          view.camera, settings)
+      return rgb, jax_raster.select_faces(projected, settings)[0]
+    return jax.vmap(one)(views)
+  jax_rgb, jax_ids = jax_render(weights, inputs.views)
+
   grad = sds_step.SdsGradient(cfg, setup["torch_head"], setup["parts"])
   tin = torch_inputs(inputs)
   with torch.no_grad():
@@ -114,14 +124,10 @@ def test_renders_match(setup):
     xy, z, valid = torch_raster.project(verts, setup["torch_head"].faces, tin.cameras,
                                         grad.settings)
     torch_ids, _ = torch_raster.select_faces(xy, z, valid, grad.settings)
-  from sdsjax import raster as jax_raster
-  verts_j = morphable.vertices(head, weights)
-  for i in range(NUM_VIEWS):
-    view = jax.tree.map(lambda x: x[i], inputs.views)
-    projected = jax_raster.project_mesh(verts_j, head.faces, view.camera, settings)
-    jax_ids, _ = jax_raster.select_faces(projected, settings)
-    same = np.all(np.sort(np.asarray(jax_ids), -1) == np.sort(torch_ids[i].numpy(), -1), -1)
-    assert same.mean() > 0.995, f"view {i}: {np.sum(~same)} pixels select other faces"
+  # Slot order may differ between exact ties; the set of faces per pixel may not (a float-level
+  # near-tie at the K-th slot may flip a few pixels, hence the 0.5% allowance).
+  same = np.all(np.sort(np.asarray(jax_ids), -1) == np.sort(torch_ids.numpy(), -1), -1)
+  assert same.mean() > 0.995, f"{np.sum(~same)} of {same.size} pixels select other faces"
   assert float(np.asarray(jax_rgb).std()) > 0.05   # the head is in view
   np.testing.assert_allclose(torch_rgb.numpy(), np.asarray(jax_rgb), atol=1e-4)
 
@@ -161,7 +167,7 @@ def test_sds_gradient_parity(setup):
   np.testing.assert_allclose(float(torch_aux["loss"]), float(aux["loss"]), rtol=1e-4)
 
 
-def test_optimizer_matches(setup):
+def test_optimizer_matches():
   """clip_grad_norm_ -> Adam(weight_decay) == optax clip -> add_decayed_weights -> adam."""
   cfg = config_lib.load_config(TINY, [dict(lr_schedule="cosine", warmup_steps=3, steps=12,
                                            grad_clip=1.0, weight_decay=0.05)])

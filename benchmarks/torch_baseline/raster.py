@@ -53,7 +53,9 @@ class RasterSettings:
   def resolved_bin_size(self) -> int:
     if self.bin_size:
       return min(self.bin_size, self.image_size)
-    return min(8 if self.image_size <= 128 else 16, self.image_size)
+    # Small tiles at low resolution, where faces are sub-pixel and a tile holds many.
+    size = self.image_size
+    return min(4 if size <= 64 else 8 if size <= 256 else 16, size)
 
   def resolved_max_faces_per_bin(self, num_faces: int) -> int:
     """C: 12× the faces expected in a grown tile if F faces covered a third of the image."""
@@ -135,7 +137,9 @@ def project(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras,
   depth = -view[..., 2]
   safe_depth = torch.where(depth > 1e-6, depth, torch.full_like(depth, 1e-6))
   ndc = cameras.focal[:, None, None] * view[..., :2] / safe_depth[..., None]
-  xy, z = ndc[:, faces], depth[:, faces]
+  index = faces.reshape(-1)
+  xy = ndc.index_select(1, index).reshape(ndc.shape[0], -1, 3, 2)
+  z = depth.index_select(1, index).reshape(depth.shape[0], -1, 3)
   with torch.no_grad():
     area2 = _cross2(xy[..., 1, :] - xy[..., 0, :], xy[..., 2, :] - xy[..., 0, :])
     valid = ((z > settings.near).all(-1) & (z < settings.far).all(-1)
@@ -255,52 +259,69 @@ def pixel_centers(size: int, dtype) -> torch.Tensor:
 
 
 def _gather_faces(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-  """table (B, F, ...) at ids (B, N, K) -> (B, N, K, ...)."""
-  batch = table.shape[0]
-  index = torch.arange(batch)[:, None, None]
-  return table[index, ids]
+  """table (B, F, C) at ids (B, N, K) -> (B, N, K, C).
+
+  index_select on the flattened table: its backward is an index_add, where advanced indexing
+  would back-propagate through a much slower sorting index_put.
+  """
+  batch, num_faces, width = table.shape
+  offsets = (torch.arange(batch) * num_faces).reshape(batch, *([1] * (ids.dim() - 1)))
+  flat = table.reshape(batch * num_faces, width).index_select(0, (ids + offsets).reshape(-1))
+  return flat.reshape(*ids.shape, width)
 
 
 def evaluate(xy, z, ids, pixels, settings: RasterSettings):
   """Pass 2 (differentiable) for ids (B, N, K) at pixels (N, 2).
 
+  One gather of a packed (B, F, 9) table, then the formulas on (B, N, K) planes.
+
   Returns (bary (B,N,K,3), depth (B,N,K), coverage (B,N,K), log_coverage (B,N,K), used).
   """
   dtype = xy.dtype
   used = ids >= 0
-  safe = torch.clamp(ids, min=0)
-  canonical = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=dtype)
-  tri = torch.where(used[..., None, None], _gather_faces(xy, safe), canonical)  # (B,N,K,3,2)
-  zz = torch.where(used[..., None], _gather_faces(z, safe), torch.ones((), dtype=dtype))
-  p = pixels[None, :, None, :]
-  p0, p1, p2 = tri[..., 0, :], tri[..., 1, :], tri[..., 2, :]
-  area2 = _cross2(p1 - p0, p2 - p0)
+  table = torch.cat([xy.reshape(*xy.shape[:2], 6), z], -1)          # (B, F, 9)
+  gathered = _gather_faces(table, torch.clamp(ids, min=0))          # (B, N, K, 9)
+  # Empty slots see a harmless canonical triangle so no NaN reaches the gradient.
+  canonical = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype=dtype)
+  gathered = torch.where(used[..., None], gathered, canonical)
+  x0, y0, x1, y1, x2, y2, z0, z1, z2 = gathered.unbind(-1)
+  px = pixels[None, :, 0:1]                                          # (1, N, 1)
+  py = pixels[None, :, 1:2]
+  area2 = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
   area2 = torch.where(area2.abs() > 1e-12, area2, torch.full_like(area2, 1e-12))
-  lam = torch.stack([_cross2(p1 - p, p2 - p), _cross2(p2 - p, p0 - p),
-                     _cross2(p0 - p, p1 - p)], -1) / area2[..., None]
-  inside = (lam >= 0).all(-1) & used
-  ab = torch.roll(tri, -1, dims=-2) - tri
-  ap = p[..., None, :] - tri
-  t = torch.clamp((ap * ab).sum(-1) / torch.clamp((ab * ab).sum(-1), min=1e-30), 0.0, 1.0)
-  diff = ap - t[..., None] * ab
-  dist2 = (diff * diff).sum(-1).amin(-1)
-  sign = torch.where(inside, 1.0, -1.0).to(dtype)
-  logit = sign * dist2 / settings.sigma
-  coverage = torch.where(used, torch.sigmoid(logit), torch.zeros((), dtype=dtype))
+  l0 = ((x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)) / area2
+  l1 = ((x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)) / area2
+  l2 = ((x0 - px) * (y1 - py) - (y0 - py) * (x1 - px)) / area2
+  inside = (l0 >= 0) & (l1 >= 0) & (l2 >= 0) & used
+
+  def segment_dist2(ax, ay, bx, by):
+    abx, aby = bx - ax, by - ay
+    apx, apy = px - ax, py - ay
+    t = torch.clamp((apx * abx + apy * aby) / torch.clamp(abx * abx + aby * aby, min=1e-30),
+                    0.0, 1.0)
+    dx, dy = apx - t * abx, apy - t * aby
+    return dx * dx + dy * dy
+
+  dist2 = torch.minimum(torch.minimum(segment_dist2(x0, y0, x1, y1),
+                                      segment_dist2(x1, y1, x2, y2)),
+                        segment_dist2(x2, y2, x0, y0))
+  logit = torch.where(inside, dist2, -dist2) / settings.sigma
+  zero = torch.zeros((), dtype=dtype)
+  coverage = torch.where(used, torch.sigmoid(logit), zero)
   log_coverage = torch.where(used, torch.nn.functional.logsigmoid(logit),
                              torch.full((), -torch.inf, dtype=dtype))
-  lam_c = torch.clamp(lam, min=0.0)
-  lam_c = lam_c / torch.clamp(lam_c.sum(-1, keepdim=True), min=1e-12)
-  weights = lam_c / zz
-  inv_depth = weights.sum(-1)
-  depth = 1.0 / inv_depth
-  bary = weights / inv_depth[..., None]
+  # Clipped, then perspective-correct barycentrics.
+  c0, c1, c2 = torch.clamp(l0, min=0.0), torch.clamp(l1, min=0.0), torch.clamp(l2, min=0.0)
+  total = torch.clamp(c0 + c1 + c2, min=1e-12)
+  w0, w1, w2 = c0 / (total * z0), c1 / (total * z1), c2 / (total * z2)
+  depth = 1.0 / (w0 + w1 + w2)
+  bary = torch.stack([w0, w1, w2], -1) * depth[..., None]
   return bary, depth, coverage, log_coverage, used
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
   """(B, V, 3) area-weighted unit vertex normals of (B, V, 3) vertices."""
-  tri = verts[:, faces]                                            # (B, F, 3, 3)
+  tri = verts.index_select(1, faces.reshape(-1)).reshape(verts.shape[0], -1, 3, 3)
   weighted = torch.linalg.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0])
   sums = torch.zeros_like(verts).index_add(
       1, faces.reshape(-1), weighted.repeat_interleave(3, dim=1))
@@ -324,9 +345,10 @@ def render(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras, lights: L
   bary, depth, coverage, log_coverage, used = evaluate(xy, z, ids, pixels, settings)
 
   # Lambertian shading with interpolated smooth normals and a grey albedo.
-  normal_table = vertex_normals(verts, faces)[:, faces]            # (B, F, 3, 3)
-  normals = _normalize((bary[..., None] * _gather_faces(
-      normal_table, torch.clamp(ids, min=0))).sum(-2), 1e-20)      # (B, N, K, 3)
+  normal_table = vertex_normals(verts, faces).index_select(1, faces.reshape(-1)).reshape(
+      batch, -1, 9)                                                # (B, F, 3 corners · 3)
+  corner = _gather_faces(normal_table, torch.clamp(ids, min=0)).reshape(*ids.shape, 3, 3)
+  normals = _normalize((bary[..., None] * corner).sum(-2), 1e-20)   # (B, N, K, 3)
   lambert = torch.clamp((normals * lights.direction[:, None, None]).sum(-1, keepdim=True),
                         min=0.0)
   grey = torch.tensor(albedo, dtype=dtype)

@@ -110,9 +110,9 @@ class Head:
 
   @classmethod
   def from_arrays(cls, mean, basis, faces) -> "Head":
-    return cls(mean=torch.as_tensor(np.asarray(mean, np.float32)),
-               basis=torch.as_tensor(np.asarray(basis, np.float32)),
-               faces=torch.as_tensor(np.asarray(faces, np.int64)))
+    return cls(mean=torch.tensor(np.asarray(mean, np.float32)),
+               basis=torch.tensor(np.asarray(basis, np.float32)),
+               faces=torch.tensor(np.asarray(faces, np.int64)))
 
   def vertices(self, weights: torch.Tensor) -> torch.Tensor:
     """(P, K) weights -> (P, V, 3)."""

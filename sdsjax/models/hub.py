@@ -8,9 +8,10 @@ A checkpoint is a folder with
     tokenizer/     vocab.json + merges.txt (or tokenizer.json)
     scheduler/     scheduler_config.json
 
-where the weights are safetensors only (never pickled .bin/.ckpt): `diffusion_pytorch_model.safetensors`
-or `model.safetensors`, sharded (`*.safetensors.index.json` + shards) or not, and the fp16 variants
-(`*.fp16.safetensors`, `*.safetensors.index.fp16.json`) when only they exist.
+where the weights are safetensors only (never pickled .bin/.ckpt):
+`diffusion_pytorch_model.safetensors` or `model.safetensors`, sharded (`*.safetensors.index.json`
++ shards) or not, and the fp16 variants (`*.fp16.safetensors`, `*.safetensors.index.fp16.json`)
+when only they exist.
 
 A hub id (`owner/name`) is resolved with `huggingface_hub.snapshot_download`, downloading only those
 files: first from the local cache, then from the network. Everything that can go wrong becomes a
@@ -76,8 +77,9 @@ def weight_files(component_dir: Path) -> list[Path]:
   pickled = sorted(p.name for p in component_dir.glob("*") if p.suffix in (".bin", ".ckpt", ".pt"))
   if pickled:
     raise CheckpointError(
-        f"{component_dir} has only pickled weights ({', '.join(pickled)}); sdsjax reads safetensors "
-        "only: convert them (e.g. load with diffusers and save_pretrained(safe_serialization=True))")
+        f"{component_dir} has only pickled weights ({', '.join(pickled)}); sdsjax reads "
+        "safetensors only: convert them (load with diffusers, save_pretrained with "
+        "safe_serialization=True)")
   raise CheckpointError(
       f"{component_dir} has no weights: expected diffusion_pytorch_model.safetensors or "
       "model.safetensors (or their .fp16 / sharded .index.json variants)")

@@ -1,9 +1,9 @@
 """Stable Diffusion as pure JAX functions of explicit parameters.
 
-`load_stable_diffusion(path_or_hub_id)` reads a diffusers-format checkpoint (a folder, a Hugging Face
-Hub id, or the built-in `"tiny-random"`) into a `StableDiffusion` bundle. The bundle holds the Flax
-modules (static structure) apart from their parameters, so a training step can jit the model
-functions with the parameters as ordinary arguments:
+`load_stable_diffusion(path_or_hub_id)` reads a diffusers-format checkpoint (a folder, a Hugging
+Face Hub id, or the built-in `"tiny-random"`) into a `StableDiffusion` bundle. The bundle holds
+the Flax modules (static structure) apart from their parameters, so a training step can jit the
+model functions with the parameters as ordinary arguments:
 
     sd = load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
     emb = sd.encode_text(["a photo of an old man"])              # (1, 77, 768), host-side
@@ -65,7 +65,8 @@ class StableDiffusion:
     dtype: the compute and parameter dtype; the model functions return float32.
     folder: the diffusers-format folder the weights came from.
     configs: the raw configs, keyed "unet", "vae", "text_encoder", "scheduler".
-    remat_vae: whether `encode_image` recomputes the VAE encoder in the backward pass.
+    remat_vae: whether the VAE recomputes its encoder blocks in the backward pass of
+      `encode_image` (less memory when differentiating through it at 512²).
   """
   unet: Any
   vae: Any
@@ -168,14 +169,9 @@ class StableDiffusion:
     return self.text_encoder.apply({"params": params}, input_ids).astype(jnp.float32)
 
   def _encode_impl(self, params, images):
-    def posterior_mean(params, x):
-      mean, _ = self.vae.apply({"params": params}, x, method=self.vae.encode)
-      return mean
-    if self.remat_vae:
-      # Recompute the encoder in the backward pass: its activations at 512² are large, and they
-      # would otherwise stay alive while the (stop-gradient) UNet runs.
-      posterior_mean = jax.checkpoint(posterior_mean)
-    mean = posterior_mean(params, (2.0 * images - 1.0).astype(self.dtype))
+    # With remat_vae the module recomputes its encoder blocks in the backward pass.
+    mean, _ = self.vae.apply({"params": params}, (2.0 * images - 1.0).astype(self.dtype),
+                             method=self.vae.encode)
     return (mean.astype(jnp.float32) - self.shift_factor) * self.scaling_factor
 
   def _decode_impl(self, params, latents):
@@ -348,13 +344,14 @@ def _adapt_vae_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return renamed
 
 
-def _load_component(folder: Path, component: str, config: dict, dtype) -> tuple[Any, Any]:
+def _load_component(folder: Path, component: str, config: dict, dtype,
+                    **module_args) -> tuple[Any, Any]:
   """Builds one module from its config and loads its weights; returns (module, params)."""
   from sdsjax.models import convert
   where = folder / component
   cls = _module_classes()[component]
   try:
-    module = cls.from_config(config, dtype=dtype)
+    module = cls.from_config(config, dtype=dtype, **module_args)
     shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *_init_inputs(component, config))
   except CheckpointError as e:
     raise CheckpointError(f"{where}/config.json: {e}") from None
@@ -390,7 +387,11 @@ def _load_tokenizer(folder: Path):
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
   """`"tiny-random"`, a folder or a hub id -> a checked local diffusers-format folder."""
   if os.fspath(path_or_hub_id) == tiny_random.NAME:
-    return hub.check_folder(tiny_random.materialize_tiny_random())
+    try:
+      return hub.check_folder(tiny_random.materialize_tiny_random())
+    except OSError as e:
+      raise CheckpointError(f"cannot write the tiny-random model under {tiny_random.cache_root()} "
+                            f"({e.strerror or e}): set SDSJAX_CACHE to a writable folder") from None
   return hub.resolve(path_or_hub_id)
 
 
@@ -414,20 +415,24 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, dtype=jnp.float32,
   """
   folder = resolve_checkpoint(path_or_hub_id)
   configs = {c: _read_json(folder / c / name) for c, name in hub.CONFIG_FILES.items()}
-  modules, params = {}, {}
-  for component in ("unet", "vae", "text_encoder"):
-    modules[component], params[component] = _load_component(
-        folder, component, configs[component], dtype)
+  # The cheap checks first, so a bad scheduler or tokenizer fails before gigabytes are read.
   scheduler = configs["scheduler"]
   prediction_type = scheduler.get("prediction_type", "epsilon")
   if prediction_type not in ("epsilon", "v_prediction", "sample"):
     raise CheckpointError(f"{folder}/scheduler/scheduler_config.json: prediction_type "
                           f"{prediction_type!r} is not supported (epsilon, v_prediction, sample)")
+  alphas_cumprod = alphas_cumprod_from_config(scheduler)
+  tokenizer = _load_tokenizer(folder)
+  # The VAE rematerialises its encoder blocks itself (finer-grained than one jax.checkpoint).
+  module_args = {"unet": {}, "vae": {"remat": bool(remat_vae)}, "text_encoder": {}}
+  modules, params = {}, {}
+  for component in ("unet", "vae", "text_encoder"):
+    modules[component], params[component] = _load_component(
+        folder, component, configs[component], dtype, **module_args[component])
   vae_config = configs["vae"]
   return StableDiffusion(
       unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
-      tokenizer=_load_tokenizer(folder), params=params,
-      alphas_cumprod=alphas_cumprod_from_config(scheduler),
+      tokenizer=tokenizer, params=params, alphas_cumprod=alphas_cumprod,
       scaling_factor=float(vae_config.get("scaling_factor") or DEFAULT_SCALING_FACTOR),
       shift_factor=float(vae_config.get("shift_factor") or 0.0),
       prediction_type=prediction_type, dtype=dtype, folder=folder, configs=configs,

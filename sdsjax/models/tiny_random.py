@@ -14,10 +14,10 @@ code as a real checkpoint.
     tokenizer/{vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json}
     scheduler/scheduler_config.json
 
-with numpy and safetensors only. The keys and configs follow diffusers / transformers, so the PyTorch
-`UNet2DConditionModel`, `AutoencoderKL`, `CLIPTextModel` and `CLIPTokenizer` load the same folder
-with `from_pretrained`. The shapes come from the `*_state_shapes(config)` functions below, which
-spell out the diffusers / transformers parameter layout for the SD-1.x / SD-2.x block types.
+with numpy and safetensors only. The keys and configs follow diffusers / transformers, so the
+PyTorch `UNet2DConditionModel`, `AutoencoderKL`, `CLIPTextModel` and `CLIPTokenizer` load the same
+folder with `from_pretrained`. The shapes come from the `*_state_shapes(config)` functions below,
+which spell out the diffusers / transformers parameter layout for the SD-1.x / SD-2.x block types.
 
 `materialize_tiny_random()` writes the folder once into `$SDSJAX_CACHE` (default
 `~/.cache/sdsjax`) under `tiny-random-v1/`, atomically (temp dir + rename), and returns its path.
@@ -350,7 +350,8 @@ def vae_state_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   for i in range(n):
     c_in, c_out = c_out, channels[i]
     for j in range(layers):
-      _resnet(shapes, f"encoder.down_blocks.{i}.resnets.{j}", c_in if j == 0 else c_out, c_out, None)
+      _resnet(shapes, f"encoder.down_blocks.{i}.resnets.{j}", c_in if j == 0 else c_out, c_out,
+              None)
     if i < n - 1:
       _conv(shapes, f"encoder.down_blocks.{i}.downsamplers.0.conv", c_out, c_out, 3)
   _vae_mid_block(shapes, "encoder.mid_block", channels[-1])
@@ -427,6 +428,26 @@ def _write_json(path: Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def write_tokenizer(folder: str | os.PathLike, vocab: dict[str, int] | None = None,
+                    merges: list[tuple[str, str]] | None = None) -> Path:
+  """Writes the tiny CLIP tokenizer (vocab.json, merges.txt and its configs) into `folder`."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  if vocab is None or merges is None:
+    vocab, merges = tokenizer_files()
+  _write_json(folder / "vocab.json", vocab)
+  with open(folder / "merges.txt", "w", encoding="utf-8") as f:
+    f.write("#version: 0.2 (sdsjax tiny-random)\n")
+    f.writelines(f"{a} {b}\n" for a, b in merges)
+  specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
+              "unk_token": EOS_TOKEN}
+  _write_json(folder / "special_tokens_map.json", specials)
+  _write_json(folder / "tokenizer_config.json",
+              dict(specials, tokenizer_class="CLIPTokenizer", model_max_length=MAX_LENGTH,
+                   do_lower_case=True, clean_up_tokenization_spaces=True))
+  return folder
+
+
 def write_tiny_random(folder: str | os.PathLike) -> Path:
   """Writes the tiny-random diffusers-format folder (see the module docstring) and returns it.
 
@@ -451,16 +472,7 @@ def write_tiny_random(folder: str | os.PathLike) -> Path:
     _write_json(folder / sub / "config.json", config)
     save_file(random_state(layout(config), SEED + offset), str(folder / sub / filename),
               metadata={"format": "pt"})
-  _write_json(folder / "tokenizer" / "vocab.json", vocab)
-  with open(folder / "tokenizer" / "merges.txt", "w", encoding="utf-8") as f:
-    f.write("#version: 0.2 (sdsjax tiny-random)\n")
-    f.writelines(f"{a} {b}\n" for a, b in merges)
-  specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
-              "unk_token": EOS_TOKEN}
-  _write_json(folder / "tokenizer" / "special_tokens_map.json", specials)
-  _write_json(folder / "tokenizer" / "tokenizer_config.json",
-              dict(specials, tokenizer_class="CLIPTokenizer", model_max_length=MAX_LENGTH,
-                   do_lower_case=True, clean_up_tokenization_spaces=True))
+  write_tokenizer(folder / "tokenizer", vocab, merges)
   _write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
   _write_json(folder / "model_index.json", MODEL_INDEX)
   (folder / "README.md").write_text(

@@ -1,0 +1,196 @@
+"""Benchmark of the Flax SD models against diffusers (PyTorch) on the same machine.
+
+* unet: SD-1.5-sized UNet forward, batch 2, 64x64x4 latents, 77x768 context.
+* vae: VAE (SD sizes) encode forward + backward w.r.t. the image at 512², batch 1
+  (posterior mean summed; the JAX encoder rematerialises its blocks, as the bundle does).
+
+Both sides use the same random weights (PyTorch's default init, copied with
+`sdsjax.models.convert`; no download), the same inputs, and run alternately (JAX, PyTorch, JAX,
+...) after a warm-up, so shared-machine noise hits both; medians are reported. JAX compile
+time (lowering + XLA compilation) is reported separately. The outputs are compared as well.
+
+Prints one JSON object and a markdown table. Runs unchanged on GPU (PyTorch uses CUDA when
+available).
+
+Usage:
+  python benchmarks/bench_models.py                       # unet and vae, 3 timed runs each
+  python benchmarks/bench_models.py --what unet --repeats 5 --torch-threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sdsjax.models import convert  # noqa: E402
+from sdsjax.models.autoencoder_kl import AutoencoderKL  # noqa: E402
+from sdsjax.models.unet_2d_condition import UNet2DConditionModel  # noqa: E402
+
+# SD 1.5's unet/config.json and vae/config.json (the keys that matter).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
+    flip_sin_to_cos=True, freq_shift=0)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=[128, 256, 512, 512], norm_num_groups=32, sample_size=512,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    scaling_factor=0.18215)
+
+
+def _sync_torch(device):
+  if device.type == "cuda":
+    torch.cuda.synchronize()
+
+
+def _numpy_state(model):
+  return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def _alternate(jax_fn, torch_fn, repeats: int):
+  """Warm-up once each, then `repeats` alternating timed runs. Returns per-side times (s)."""
+  jax_fn(), torch_fn()
+  times = {"jax": [], "torch": []}
+  for _ in range(repeats):
+    for side, fn in (("jax", jax_fn), ("torch", torch_fn)):
+      start = time.perf_counter()
+      fn()
+      times[side].append(time.perf_counter() - start)
+  return times
+
+
+def bench_unet(batch: int, repeats: int, device) -> dict:
+  import diffusers
+  torch.manual_seed(0)
+  pt = diffusers.UNet2DConditionModel(**SD15_UNET).eval().to(device)
+  model = UNet2DConditionModel.from_config(SD15_UNET)
+  rng = np.random.default_rng(0)
+  latents = rng.standard_normal((batch, 64, 64, 4)).astype(np.float32)
+  t = np.full((batch,), 500, np.int32)
+  context = rng.standard_normal((batch, 77, 768)).astype(np.float32)
+  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), latents, t, context)["params"]
+  params = jax.device_put(convert.convert_state_dict(_numpy_state(pt), target))
+
+  start = time.perf_counter()
+  compiled = jax.jit(model.apply).lower({"params": params}, latents, t, context).compile()
+  compile_s = time.perf_counter() - start
+  args = [jax.device_put(a) for a in (latents, t, context)]
+  run_jax = lambda: compiled({"params": params}, *args).block_until_ready()
+
+  pt_args = (torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()).to(device),
+             torch.from_numpy(t.astype(np.int64)).to(device), torch.from_numpy(context).to(device))
+
+  def run_torch():
+    with torch.inference_mode():
+      out = pt(*pt_args).sample
+    _sync_torch(device)
+    return out
+
+  times = _alternate(run_jax, run_torch, repeats)
+  want = run_torch().float().cpu().numpy().transpose(0, 2, 3, 1)
+  err = float(np.max(np.abs(np.asarray(run_jax()) - want)) / max(1.0, np.max(np.abs(want))))
+  return _summary("unet forward (SD-1.5, batch %d, 64x64x4, 77x768)" % batch, times, compile_s,
+                  err)
+
+
+def bench_vae(size: int, repeats: int, device, remat: bool) -> dict:
+  import diffusers
+  torch.manual_seed(0)
+  pt = diffusers.AutoencoderKL(**SD15_VAE).to(device)
+  model = AutoencoderKL.from_config(SD15_VAE, remat=remat)
+  rng = np.random.default_rng(0)
+  images = np.tanh(rng.standard_normal((1, size, size, 3))).astype(np.float32)
+  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
+  params = jax.device_put(convert.convert_state_dict(_numpy_state(pt), target))
+
+  def loss(p, x):
+    mean, _ = model.apply({"params": p}, x, method=model.encode)
+    return mean.sum()
+
+  start = time.perf_counter()
+  compiled = jax.jit(jax.grad(loss, argnums=1)).lower(params, images).compile()
+  compile_s = time.perf_counter() - start
+  x = jax.device_put(images)
+  run_jax = lambda: compiled(params, x).block_until_ready()
+
+  pt_x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+
+  def run_torch():
+    xg = pt_x.clone().requires_grad_(True)
+    pt.encode(xg).latent_dist.mean.sum().backward()
+    _sync_torch(device)
+    return xg.grad
+
+  times = _alternate(run_jax, run_torch, repeats)
+  want = run_torch().cpu().numpy().transpose(0, 2, 3, 1)
+  err = float(np.max(np.abs(np.asarray(run_jax()) - want)) / max(1.0, np.max(np.abs(want))))
+  return _summary(f"vae encode fwd+bwd ({size}², batch 1, remat={remat})", times, compile_s, err)
+
+
+def _summary(name, times, compile_s, err):
+  jax_med, torch_med = statistics.median(times["jax"]), statistics.median(times["torch"])
+  return dict(name=name, jax_s=round(jax_med, 3), torch_s=round(torch_med, 3),
+              ratio_torch_over_jax=round(torch_med / jax_med, 3),
+              jax_min_s=round(min(times["jax"]), 3), torch_min_s=round(min(times["torch"]), 3),
+              jax_compile_s=round(compile_s, 1), rel_max_abs_err=err,
+              jax_times=[round(s, 3) for s in times["jax"]],
+              torch_times=[round(s, 3) for s in times["torch"]])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--what", nargs="+", default=["unet", "vae"], choices=["unet", "vae"])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--vae-size", type=int, default=512)
+  parser.add_argument("--no-remat", action="store_true", help="VAE encoder without remat")
+  parser.add_argument("--torch-threads", type=int, default=0,
+                      help="torch.set_num_threads (0: torch's default)")
+  args = parser.parse_args()
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  results = []
+  for what in args.what:
+    if what == "unet":
+      results.append(bench_unet(args.batch, args.repeats, device))
+    else:
+      results.append(bench_vae(args.vae_size, args.repeats, device, not args.no_remat))
+  report = dict(
+      date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      jax_device=str(jax.devices()[0]), torch_device=str(device),
+      torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+      machine=platform.processor() or platform.machine(), jax=jax.__version__,
+      torch=torch.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+      command=" ".join([os.path.basename(sys.executable)] + sys.argv), results=results)
+  print(json.dumps(report, indent=1))
+  print()
+  print("| benchmark | JAX median (s) | PyTorch median (s) | PyTorch / JAX | JAX compile (s) "
+        "| rel. max err |")
+  print("|---|---|---|---|---|---|")
+  for r in results:
+    print(f"| {r['name']} | {r['jax_s']:.2f} | {r['torch_s']:.2f} | "
+          f"{r['ratio_torch_over_jax']:.2f} | {r['jax_compile_s']:.1f} | "
+          f"{r['rel_max_abs_err']:.1e} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,193 @@
+"""Parity of the Flax UNet, VAE and CLIP text encoder with diffusers / transformers (PyTorch).
+
+Small random PyTorch models with SD-1.5-shaped and SD-2.1-shaped configs (same block types and
+attention options, small channel counts); their state dicts go through
+`sdsjax.models.convert` as numpy arrays and both sides run on the same inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from sdsjax.errors import CheckpointError  # noqa: E402
+from sdsjax.models import convert  # noqa: E402
+from sdsjax.models.autoencoder_kl import AutoencoderKL  # noqa: E402
+from sdsjax.models.clip_text_model import CLIPTextModel  # noqa: E402
+from sdsjax.models.unet_2d_condition import UNet2DConditionModel  # noqa: E402
+
+TOL = 1e-4
+
+# SD 1.5: conv projections, 8 heads everywhere, 768-d context (shrunk).
+UNET_SD15 = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=48, attention_head_dim=8, norm_num_groups=32,
+    flip_sin_to_cos=True, freq_shift=0)
+# SD 2.1: linear projections, per-block head COUNTS in attention_head_dim, upcast attention,
+# 1024-d context (shrunk).
+UNET_SD21 = dict(UNET_SD15, cross_attention_dim=64, attention_head_dim=(2, 4, 8),
+                 use_linear_projection=True, upcast_attention=True)
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=(32, 32, 64), norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+CLIP_SD15 = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_SD21 = dict(CLIP_SD15, hidden_act="gelu")
+
+
+def _numpy_state(model) -> dict[str, np.ndarray]:
+  return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def _randomise(model, seed):
+  """Random weights everywhere (diffusers zero-initialises some output layers)."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1
+                                                     else 0.1))
+  return model.eval()
+
+
+def _rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(1.0, np.max(np.abs(b))))
+
+
+def _flax_params(module, state, *example):
+  target = jax.eval_shape(module.init, jax.random.PRNGKey(0), *example)
+  return convert.convert_state_dict(state, target["params"])
+
+
+@pytest.mark.parametrize("config", [UNET_SD15, UNET_SD21], ids=["sd15", "sd21"])
+def test_unet_parity(config):
+  torch.manual_seed(0)
+  pt = _randomise(diffusers.UNet2DConditionModel(**config), 1)
+  rng = np.random.default_rng(0)
+  sample = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)   # NCHW for torch
+  t = np.array([10, 700], np.int64)
+  context = rng.standard_normal((2, 7, config["cross_attention_dim"])).astype(np.float32)
+  with torch.no_grad():
+    want = pt(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(context)).sample
+  want = want.numpy().transpose(0, 2, 3, 1)
+
+  full_config = dict(pt.config, _class_name="UNet2DConditionModel", _diffusers_version="x")
+  model = UNet2DConditionModel.from_config(full_config)
+  x = jnp.asarray(sample.transpose(0, 2, 3, 1))
+  params = _flax_params(model, _numpy_state(pt), x, jnp.asarray(t), jnp.asarray(context))
+  got = jax.jit(model.apply)({"params": params}, x, jnp.asarray(t), jnp.asarray(context))
+  assert got.shape == want.shape
+  assert _rel_err(got, want) < TOL
+
+
+def _old_attention_names(state):
+  """The VAE state dict as diffusers < 0.14 named its attention (query/key/value/proj_attn)."""
+  renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+  old = {}
+  for k, v in state.items():
+    for new, name in renames.items():
+      k = k.replace(f"attentions.0.{new}.", f"attentions.0.{name}.")
+    old[k] = v
+  assert sum(".query." in k for k in old) == 4   # weight, bias; encoder, decoder
+  return old
+
+
+def test_vae_parity():
+  torch.manual_seed(0)
+  pt = _randomise(diffusers.AutoencoderKL(**VAE), 2)
+  rng = np.random.default_rng(1)
+  images = np.tanh(rng.standard_normal((1, 3, 32, 32))).astype(np.float32)
+  with torch.no_grad():
+    posterior = pt.encode(torch.from_numpy(images)).latent_dist
+    want_mean = posterior.mean.numpy().transpose(0, 2, 3, 1)
+    want_logvar = posterior.logvar.numpy().transpose(0, 2, 3, 1)
+    want_image = pt.decode(posterior.mean).sample.numpy().transpose(0, 2, 3, 1)
+
+  model = AutoencoderKL.from_config(dict(pt.config, _class_name="AutoencoderKL"), remat=True)
+  x = jnp.asarray(images.transpose(0, 2, 3, 1))
+  state = _numpy_state(pt)
+  params = _flax_params(model, state, x)
+  # Old attention names convert to the same tree.
+  old_params = _flax_params(model, _old_attention_names(state), x)
+  jax.tree.map(np.testing.assert_array_equal, params, old_params)
+
+  encode = lambda p, x: model.apply({"params": p}, x, method=model.encode)
+  mean, logvar = jax.jit(encode)(params, x)
+  decoded = jax.jit(lambda p, z: model.apply({"params": p}, z, method=model.decode))(params, mean)
+  assert mean.shape == (1, 8, 8, 4) and decoded.shape == (1, 32, 32, 3)
+  assert _rel_err(mean, want_mean) < TOL
+  assert _rel_err(logvar, want_logvar) < TOL
+  assert _rel_err(decoded, want_image) < TOL
+  # The rematerialised encoder differentiates.
+  grad = jax.jit(jax.grad(lambda x: encode(params, x)[0].sum()))(x)
+  assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+@pytest.mark.parametrize("config", [CLIP_SD15, CLIP_SD21], ids=["sd15", "sd21"])
+def test_clip_text_parity(config):
+  torch.manual_seed(0)
+  pt = _randomise(transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)), 3)
+  ids = np.random.default_rng(2).integers(0, config["vocab_size"], (2, 77)).astype(np.int64)
+  with torch.no_grad():
+    want = pt(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
+  model = CLIPTextModel.from_config(dict(pt.config.to_dict()))
+  x = jnp.asarray(ids, jnp.int32)
+  params = _flax_params(model, _numpy_state(pt), x)
+  got = jax.jit(model.apply)({"params": params}, x)
+  assert got.shape == (2, 77, config["hidden_size"])
+  assert _rel_err(got, want) < TOL
+
+
+def _small_unet_target():
+  model = UNet2DConditionModel.from_config(UNET_SD15)
+  pt = diffusers.UNet2DConditionModel(**UNET_SD15)
+  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)),
+                          jnp.zeros((1,)), jnp.zeros((1, 7, 48)))["params"]
+  return _numpy_state(pt), target
+
+
+def test_checkpoint_errors_name_the_key():
+  state, target = _small_unet_target()
+  convert.convert_state_dict(state, target)  # matches
+
+  missing = dict(state)
+  del missing["down_blocks.0.resnets.0.conv1.weight"]
+  with pytest.raises(CheckpointError, match=r"missing down_blocks\.0\.resnets\.0\.conv1\.weight"):
+    convert.convert_state_dict(missing, target)
+
+  bad = dict(state, **{"conv_in.weight": np.zeros((16, 4, 3, 3), np.float32)})
+  with pytest.raises(CheckpointError,
+                     match=r"shape mismatch conv_in\.weight \(16, 4, 3, 3\) vs expected "
+                           r"\(32, 4, 3, 3\)"):
+    convert.convert_state_dict(bad, target)
+
+  extra = dict(state, **{"down_blocks.9.foo.weight": np.zeros((3,), np.float32)})
+  with pytest.raises(CheckpointError, match=r"unexpected down_blocks\.9\.foo\.weight"):
+    convert.convert_state_dict(extra, target)
+
+
+def test_conversion_rules():
+  assert convert.flax_path("down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0.weight"
+                           ) == ("down_blocks_0", "attentions_1", "transformer_blocks_0", "attn1",
+                                 "to_out_0", "weight")
+  assert convert.flax_path("encoder.mid_block.attentions.0.query.bias") == (
+      "encoder", "mid_block", "attentions_0", "to_q", "bias")
+  conv_w = np.arange(2 * 3 * 3 * 5, dtype=np.float32).reshape(2, 3, 3, 5)   # O, I, kh, kw
+  name, k = convert.convert_leaf(conv_w, "weight", {"kernel": np.zeros((3, 5, 3, 2))})
+  assert name == "kernel" and k.shape == (3, 5, 3, 2) and k[1, 4, 2, 0] == conv_w[0, 2, 1, 4]
+  lin = np.arange(6, dtype=np.float32).reshape(2, 3)    # out, in
+  name, k = convert.convert_leaf(lin, "weight", {"kernel": np.zeros((3, 2)), "bias": None})
+  assert name == "kernel" and np.array_equal(k, lin.T)
+  assert convert.convert_leaf(lin[0], "weight", {"scale": None, "bias": None})[0] == "scale"
+  assert convert.convert_leaf(lin, "weight", {"embedding": None})[0] == "embedding"
+  assert convert.convert_leaf(lin[0], "bias", {"kernel": None, "bias": None})[0] == "bias"
