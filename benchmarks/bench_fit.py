@@ -39,6 +39,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# Before torch loads libgomp: OpenMP workers that spin at barriers wait on descheduled peers
+# when the CPU is shared (measured 10-15x slower torch steps under load on 2 cores); passive
+# waiting costs nothing on an idle machine. An explicit setting is respected.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
@@ -102,7 +107,8 @@ def model_folder(name: str) -> Path:
               pad_token_id=vocab[tiny_random.EOS_TOKEN])
   parts = (("unet", spec["unet"], tiny_random.unet_state_shapes,
             "diffusion_pytorch_model.safetensors"),
-           ("vae", spec["vae"], tiny_random.vae_state_shapes, "diffusion_pytorch_model.safetensors"),
+           ("vae", spec["vae"], tiny_random.vae_state_shapes,
+            "diffusion_pytorch_model.safetensors"),
            ("text_encoder", text, tiny_random.clip_text_state_shapes, "model.safetensors"))
   for i, (sub, config, layout, filename) in enumerate(parts):
     (tmp / sub / "config.json").write_text(json.dumps(config, indent=2))
@@ -209,9 +215,10 @@ def cost_flops(compiled) -> float | None:
   return float(flops) if flops is not None and flops > 0 else None
 
 
-def load_shared(cfg, impls, torch_compile: bool) -> dict:
+def load_shared(cfg, impls, torch_compile: bool, head_file: str | None = None,
+                torch_threads: int = 0) -> dict:
   """Loads each side's models once, from the same folder."""
-  shared = {"torch_compile": torch_compile}
+  shared = {"torch_compile": torch_compile, "torch_threads": torch_threads}
   if "sdsjax" in impls:
     import jax.numpy as jnp
     from sdsjax import morphable
@@ -221,27 +228,24 @@ def load_shared(cfg, impls, torch_compile: bool) -> dict:
     shared["head"] = morphable.load_model(cfg.head, cfg.num_components)
   if any(i.startswith("torch") for i in impls):
     from benchmarks.torch_baseline import sds_step
-    sds_step.configure_threads()
+    sds_step.configure_threads(shared["torch_threads"])
     shared["parts"] = sds_step.load_parts(cfg.model, sds_step.TORCH_DTYPES[cfg.dtype],
                                           compile_models=torch_compile)
-    shared["torch_head"] = sds_step.Head.from_arrays(**head_arrays(cfg))
+    shared["torch_head"] = sds_step.Head.from_arrays(**head_arrays(cfg, head_file))
   return shared
 
 
-def head_arrays(cfg) -> dict:
-  """The normalised head (mean, basis, faces) as numpy, cached so torch-only children skip jax."""
+def head_arrays(cfg, head_file: str | None = None) -> dict:
+  """The normalised head (mean, basis, faces) as numpy: from sdsjax.morphable, or from the
+  file the parent wrote, so torch-only children never import jax."""
   import numpy as np
-  cache = tiny_random.cache_root() / f"bench-head-{cfg.head}-{cfg.num_components}.npz"
-  if not cache.is_file():
-    from sdsjax import morphable
-    head = morphable.load_model(cfg.head, cfg.num_components)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache.with_suffix(".tmp"), "wb") as f:
-      np.savez(f, mean=np.asarray(head.mean), basis=np.asarray(head.basis),
-               faces=np.asarray(head.faces))
-    os.replace(cache.with_suffix(".tmp"), cache)
-  with np.load(cache) as data:
-    return {k: data[k] for k in ("mean", "basis", "faces")}
+  if head_file:
+    with np.load(head_file) as data:
+      return {k: data[k] for k in ("mean", "basis", "faces")}
+  from sdsjax import morphable
+  head = morphable.load_model(cfg.head, cfg.num_components)
+  return {"mean": np.asarray(head.mean), "basis": np.asarray(head.basis),
+          "faces": np.asarray(head.faces)}
 
 
 def make_runner(impl: str, cfg, num_prompts: int, shared):
@@ -277,7 +281,7 @@ def child_main(args) -> None:
   folder = model_folder(args.config)
   cfg = fit_config(args.config, folder, args.dtype)
   impl = args.child
-  shared = load_shared(cfg, [impl], args.torch_compile)
+  shared = load_shared(cfg, [impl], args.torch_compile, args.head_file, args.torch_threads)
   runner = make_runner(impl, cfg, args.prompts[0], shared)
   runner.run(2)
   out = {"peak_rss_mb": peak_rss_mb()}
@@ -293,11 +297,13 @@ def child_main(args) -> None:
   print("CHILD_RESULT " + json.dumps(out))
 
 
-def measure_memory(args, impl: str, num_prompts: int) -> dict:
+def measure_memory(args, impl: str, num_prompts: int, head_file: str) -> dict:
   cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--config", args.config,
-         "--prompts", str(num_prompts), "--dtype", args.dtype]
+         "--prompts", str(num_prompts), "--dtype", args.dtype, "--head-file", head_file]
   if args.torch_compile:
     cmd.append("--torch-compile")
+  if args.torch_threads:
+    cmd += ["--torch-threads", str(args.torch_threads)]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   for line in proc.stdout.splitlines():
     if line.startswith("CHILD_RESULT "):
@@ -316,18 +322,24 @@ def bench(args) -> dict:
   # Peak memory first, from children started while this process is still small.
   memory = {}
   if args.memory:
-    for num_prompts in (args.prompts if args.memory == "all" else [max(args.prompts)]):
-      for impl in impls:
-        memory[impl, num_prompts] = measure_memory(args, impl, num_prompts)
-        log(f"P={num_prompts} {impl}: memory {memory[impl, num_prompts]}")
+    import numpy as np
+    with tempfile.TemporaryDirectory() as tmp:
+      head_file = str(Path(tmp) / "head.npz")
+      np.savez(head_file, **head_arrays(cfg))
+      for num_prompts in (args.prompts if args.memory == "all" else [max(args.prompts)]):
+        for impl in impls:
+          memory[impl, num_prompts] = measure_memory(args, impl, num_prompts, head_file)
+          log(f"P={num_prompts} {impl}: memory {memory[impl, num_prompts]}")
+  load_before = os.getloadavg()
   t0 = time.perf_counter()
-  shared = load_shared(cfg, impls, args.torch_compile)
+  shared = load_shared(cfg, impls, args.torch_compile, torch_threads=args.torch_threads)
   load_s = time.perf_counter() - t0
   results = {"config": args.config, "model": str(folder), "dtype": args.dtype,
              "render_resolution": cfg.render_resolution, "sd_resolution": cfg.sd_resolution,
              "num_components": cfg.num_components, "steps_per_repeat": steps,
              "repeats": args.repeats, "torch_compile": args.torch_compile,
-             "torch_threads": None, "device": device_name(), "load_s": load_s,
+             "torch_threads": None, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+             "device": device_name(), "load_s": load_s,
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "runs": []}
   if any(i.startswith("torch") for i in impls):
@@ -370,6 +382,8 @@ def bench(args) -> dict:
       stages = breakdown(cfg, shared, num_prompts)
       results["breakdown"][str(num_prompts)] = stages
       log(f"P={num_prompts} breakdown: {stages}")
+  # The machine may be shared: the load average says how contended the timings were.
+  results["loadavg_1min_before_after"] = [load_before[0], os.getloadavg()[0]]
   for (impl, num_prompts), mem in memory.items():
     for row in results["runs"]:
       if row["impl"] == impl and row["prompts"] == num_prompts:
@@ -515,6 +529,8 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=0, help="steps per timed repeat (0: per config)")
   p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--torch-threads", type=int, default=0,
+                 help="torch intra-op threads (0: os.cpu_count(), the default tuned setting)")
   p.add_argument("--torch-compile", action="store_true",
                  help="torch.compile the baseline's renderer, UNet and VAE encoder")
   p.add_argument("--memory", choices=("none", "max", "all"), default="max",
@@ -523,6 +539,7 @@ def parse_args(argv=None):
                  help="also time render / VAE / UNet alone on both sides (smallest and largest P)")
   p.add_argument("--json", help="also write the results to this file")
   p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
+  p.add_argument("--head-file", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   args.memory = None if args.memory == "none" else args.memory
   return args

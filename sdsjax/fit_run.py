@@ -61,7 +61,10 @@ def make_preview_renderer(cfg: FitConfig, head: morphable.MorphableModel):
   @jax.jit
   def render(weights, texture, azimuth, elevation):
     cam = camera_lib.orbit_camera(azimuth, elevation, distance, fov)
-    light = camera_lib.default_light(cam, ambient=cfg.light.ambient, diffuse=cfg.light.diffuse)
+    # Key light from the camera's upper left: a head-on light flattens the face.
+    key_light = cam.world_to_view[:3, :3].T @ jnp.array([-0.45, 0.5, 1.0])
+    light = camera_lib.default_light(direction=key_light, ambient=cfg.light.ambient,
+                                     diffuse=cfg.light.diffuse)
     params = {"weights": weights}
     view = fit_step.View(camera=cam, light=light, azimuth=azimuth, elevation=elevation)
     if texture is not None:

@@ -32,9 +32,9 @@ NUM_EMBEDDING_ROWS = 1 + len(VIEW_SUFFIXES)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def configure_threads() -> None:
-  """Every core for intra-op parallelism, as a tuned PyTorch CPU run would use."""
-  torch.set_num_threads(os.cpu_count() or 1)
+def configure_threads(num_threads: int = 0) -> None:
+  """Intra-op threads: every core by default, as a tuned PyTorch CPU run would use."""
+  torch.set_num_threads(num_threads or os.cpu_count() or 1)
 
 
 @dataclasses.dataclass
