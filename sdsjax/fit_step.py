@@ -267,7 +267,7 @@ def make_fit_step(cfg: FitConfig, head: morphable.MorphableModel, encode_fn: Enc
         params=jax.tree.map(keep, params, state.params),
         opt_state=jax.tree.map(keep, opt_state, state.opt_state),
         skipped=state.skipped + (~finite).astype(jnp.int32))
-    metrics = {**aux, "grad_norm": optax.global_norm(grads),
+    metrics = {**aux, "grad_norm": optax.tree.norm(grads),
                "t": jnp.mean(inputs.t.astype(jnp.float32)), "finite": finite}
     return new_state, metrics
 

@@ -42,4 +42,7 @@ def test_two_processes_match_one(tmp_path):
     a = np.load(tmp_path / "pod" / slug / "params.npz")["weights"]
     b = np.load(tmp_path / "one" / slug / "params.npz")["weights"]
     assert np.abs(b).max() > 0
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Each process compiles a batch of 1 where the single process compiles a batch of 2, so
+    # XLA picks different kernels; Adam rescales the resulting ~1e-7 gradient noise to ~1e-5.
+    # A wrong prompt/key assignment would differ by the step size (~1e-2).
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

