@@ -51,7 +51,8 @@ def main() -> None:
       t_torch = best_time(lambda a, b: torch.nn.functional.conv2d(a, b, padding=k // 2),
                           (xt, wt), args.repeats)
     t_jax = best_time(lambda a, b: conv_jax(a, b).block_until_ready(), (x, w), args.repeats)
-    rows.append({"op": f"conv{k}x{k} {size}²×{cin}→{cout}", "gflop": 4 * size ** 2 * cin * cout * k * k / 1e9,
+    rows.append({"op": f"conv{k}x{k} {size}²×{cin}→{cout}",
+                 "gflop": 2 * 2 * size ** 2 * cin * cout * k * k / 1e9,   # batch 2, 2 per MAC
                  "jax_ms": 1e3 * t_jax, "torch_ms": 1e3 * t_torch})
   matmul_jax = jax.jit(lambda a, b: a @ b)
   for m, kdim, n in GEMMS:
