@@ -39,10 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# Before torch loads libgomp: OpenMP workers that spin at barriers wait on descheduled peers
-# when the CPU is shared (measured 10-15x slower torch steps under load on 2 cores); passive
-# waiting costs nothing on an idle machine. An explicit setting is respected.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# On a GPU both frameworks share the device in one process: JAX must not pre-allocate 75% of
+# its memory, or PyTorch runs out. (Also makes JAX's peak_bytes_in_use its real peak.)
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -189,6 +188,9 @@ class TorchRunner:
     emb = sds_step.embedding_table(parts, prompts_for(num_prompts), cfg.negative_prompt,
                                    cfg.view_prompts)
     compile_render = shared["torch_compile"]
+    if parts.device.type == "cuda":   # this P's peak, not an earlier P's
+      import torch
+      torch.cuda.reset_peak_memory_stats()
     if batched:
       self.baseline = sds_step.BatchedBaseline(cfg, head, parts, emb, cfg.seed, compile_render)
     else:
@@ -197,10 +199,15 @@ class TorchRunner:
                                             compile_render)
     self.compile_s = 0.0   # eager; with --torch-compile the first (warm-up) step compiles
     self.flops = None
+    self.device = parts.device
 
   def run(self, k: int) -> None:
-    for _ in range(k):
-      self.baseline.step()
+    import torch
+    with torch.device(self.device):
+      for _ in range(k):
+        self.baseline.step()
+    if self.device.type == "cuda":
+      torch.cuda.synchronize()
 
 
 def cost_flops(compiled) -> float | None:
@@ -229,9 +236,12 @@ def load_shared(cfg, impls, torch_compile: bool, head_file: str | None = None,
   if any(i.startswith("torch") for i in impls):
     from benchmarks.torch_baseline import sds_step
     sds_step.configure_threads(shared["torch_threads"])
-    shared["parts"] = sds_step.load_parts(cfg.model, sds_step.TORCH_DTYPES[cfg.dtype],
-                                          compile_models=torch_compile)
-    shared["torch_head"] = sds_step.Head.from_arrays(**head_arrays(cfg, head_file))
+    parts = sds_step.load_parts(cfg.model, sds_step.TORCH_DTYPES[cfg.dtype],
+                                compile_models=torch_compile)
+    sds_step.configure_precision(parts.device)
+    shared["parts"] = parts
+    shared["torch_head"] = sds_step.Head.from_arrays(**head_arrays(cfg, head_file),
+                                                     device=parts.device)
   return shared
 
 
@@ -311,6 +321,25 @@ def measure_memory(args, impl: str, num_prompts: int, head_file: str) -> dict:
   return {"error": (proc.stderr or proc.stdout)[-500:]}
 
 
+def device_peaks_mb(impls) -> dict:
+  """Accelerator memory peaks in this process (no child processes needed there): JAX's
+  peak_bytes_in_use since the start (it cannot be reset, and P grows, so at the largest P it is
+  that P's), and PyTorch's max_memory_allocated since this P's runners were made (the larger of
+  torch-loop and torch-batched). Empty on CPU, where the child processes measure RSS."""
+  out = {}
+  if "sdsjax" in impls:
+    import jax
+    dev = jax.devices()[0]
+    stats = (dev.memory_stats() or {}) if dev.platform != "cpu" else {}
+    if "peak_bytes_in_use" in stats:
+      out["sdsjax"] = stats["peak_bytes_in_use"] / 2**20
+  if any(i.startswith("torch") for i in impls):
+    import torch
+    if torch.cuda.is_available():
+      out["torch"] = torch.cuda.max_memory_allocated() / 2**20
+  return out
+
+
 # ------------------------------------------------------------------------------------------
 # The benchmark.
 
@@ -367,6 +396,7 @@ def bench(args) -> dict:
       log(f"P={num_prompts} repeat {rep}: " + ", ".join(
           f"{i} {rows[i]['times'][-1]:.3f}s/step" for i in impls))
     flops = runners["sdsjax"].flops if "sdsjax" in runners else None
+    results.setdefault("device_peak_mb", {})[str(num_prompts)] = device_peaks_mb(impls)
     for impl in impls:
       row = rows[impl]
       sec = statistics.median(row["times"])
@@ -443,7 +473,8 @@ def breakdown(cfg, shared, num_prompts: int, repeats: int = 3) -> dict:
 
   thead = shared["torch_head"]
   grad = sds_step.SdsGradient(cfg, thead, parts, shared["torch_compile"])
-  to_t = lambda x: torch.from_numpy(np.array(x))
+  dev = parts.device
+  to_t = lambda x: torch.from_numpy(np.array(x)).to(dev)
   tin = sds_step.SdsInputs(
       cameras=torch_raster.Cameras(world_to_view=to_t(views.camera.world_to_view),
                                    focal=to_t(views.camera.focal), eye=to_t(views.camera.eye)),
@@ -470,9 +501,17 @@ def breakdown(cfg, shared, num_prompts: int, repeats: int = 3) -> dict:
   def torch_unet():
     parts.unet(t_z.to(parts.dtype), t_t, encoder_hidden_states=t_emb.to(parts.dtype))
 
+  def synced(fn):   # CUDA runs asynchronously: time to completion
+    def run():
+      with torch.device(dev):
+        fn()
+      if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return run
+
   for name, fn in zip(jax_stages, (torch_render, torch_encode, torch_unet)):
-    fn()
-    out[name]["torch_s"] = best_time(fn, repeats)
+    synced(fn)()
+    out[name]["torch_s"] = best_time(synced(fn), repeats)
   return out
 
 
@@ -509,6 +548,11 @@ def markdown(results: dict) -> str:
       gflop = "–" if not st["flops"] else f"{st['flops'] / 1e9:.2f}"
       lines.append(f"| {name} | {gflop} | {st['sdsjax_s']:.4f} | {st['torch_s']:.4f} | "
                    f"{st['torch_s'] / st['sdsjax_s']:.2f} |")
+  peaks = {p: v for p, v in results.get("device_peak_mb", {}).items() if v}
+  if peaks:
+    lines.append("")
+    lines.append("Device memory peaks (MB): " + "; ".join(
+        f"P={p}: " + ", ".join(f"{k} {mb:.0f}" for k, mb in v.items()) for p, v in peaks.items()))
   flops = {r["prompts"]: r["step_flops"] for r in runs if r.get("step_flops")}
   if flops:
     lines.append("")
@@ -531,6 +575,12 @@ def parse_args(argv=None):
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch intra-op threads (0: os.cpu_count(), the default tuned setting)")
+  p.add_argument("--omp-wait-policy", choices=("default", "passive", "active"),
+                 default="default",
+                 help="OMP_WAIT_POLICY for torch's OpenMP threads (an explicit environment "
+                      "setting wins). default: libgomp's (spin briefly, then sleep), which was "
+                      "fastest for torch on an idle machine without slowing XLA; passive suits "
+                      "a machine shared with other jobs; active spins forever and slows XLA")
   p.add_argument("--torch-compile", action="store_true",
                  help="torch.compile the baseline's renderer, UNet and VAE encoder")
   p.add_argument("--memory", choices=("none", "max", "all"), default="max",
@@ -547,6 +597,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  # Read by libgomp when torch loads it, which happens after this point (imports are lazy).
+  if args.omp_wait_policy != "default":
+    os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy.upper())
   if args.child:
     child_main(args)
     return

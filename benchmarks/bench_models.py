@@ -28,6 +28,9 @@ import statistics
 import sys
 import time
 
+# On a GPU both frameworks share the device: JAX must not pre-allocate 75% of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
@@ -56,6 +59,10 @@ SD15_VAE = dict(
     scaling_factor=0.18215)
 
 
+JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def _sync_torch(device):
   if device.type == "cuda":
     torch.cuda.synchronize()
@@ -77,17 +84,19 @@ def _alternate(jax_fn, torch_fn, repeats: int):
   return times
 
 
-def bench_unet(batch: int, repeats: int, device) -> dict:
+def bench_unet(batch: int, repeats: int, device, dtype: str) -> dict:
   import diffusers
   torch.manual_seed(0)
-  pt = diffusers.UNet2DConditionModel(**SD15_UNET).eval().to(device)
-  model = UNet2DConditionModel.from_config(SD15_UNET)
+  pt = diffusers.UNet2DConditionModel(**SD15_UNET).eval()
+  state = _numpy_state(pt)   # float32, before any cast
+  pt = pt.to(device=device, dtype=TORCH_DTYPES[dtype])
+  model = UNet2DConditionModel.from_config(SD15_UNET, dtype=JAX_DTYPES[dtype])
   rng = np.random.default_rng(0)
   latents = rng.standard_normal((batch, 64, 64, 4)).astype(np.float32)
   t = np.full((batch,), 500, np.int32)
   context = rng.standard_normal((batch, 77, 768)).astype(np.float32)
   target = jax.eval_shape(model.init, jax.random.PRNGKey(0), latents, t, context)["params"]
-  params = jax.device_put(convert.convert_state_dict(_numpy_state(pt), target))
+  params = jax.device_put(convert.convert_state_dict(state, target))
 
   start = time.perf_counter()
   compiled = jax.jit(model.apply).lower({"params": params}, latents, t, context).compile()
@@ -95,8 +104,9 @@ def bench_unet(batch: int, repeats: int, device) -> dict:
   args = [jax.device_put(a) for a in (latents, t, context)]
   run_jax = lambda: compiled({"params": params}, *args).block_until_ready()
 
-  pt_args = (torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()).to(device),
-             torch.from_numpy(t.astype(np.int64)).to(device), torch.from_numpy(context).to(device))
+  pt_args = (torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()).to(device, pt.dtype),
+             torch.from_numpy(t.astype(np.int64)).to(device),
+             torch.from_numpy(context).to(device, pt.dtype))
 
   def run_torch():
     with torch.inference_mode():
@@ -106,24 +116,29 @@ def bench_unet(batch: int, repeats: int, device) -> dict:
 
   times = _alternate(run_jax, run_torch, repeats)
   want = run_torch().float().cpu().numpy().transpose(0, 2, 3, 1)
-  err = float(np.max(np.abs(np.asarray(run_jax()) - want)) / max(1.0, np.max(np.abs(want))))
-  return _summary("unet forward (SD-1.5, batch %d, 64x64x4, 77x768)" % batch, times, compile_s,
-                  err)
+  got = np.asarray(run_jax(), np.float32)
+  err = float(np.max(np.abs(got - want)) / max(1.0, np.max(np.abs(want))))
+  return _summary("unet forward (SD-1.5, batch %d, 64x64x4, 77x768, %s)" % (batch, dtype), times,
+                  compile_s, err)
 
 
-def bench_vae(size: int, repeats: int, device, remat: bool) -> dict:
+def bench_vae(size: int, repeats: int, device, remat: bool, dtype: str) -> dict:
   import diffusers
   torch.manual_seed(0)
-  pt = diffusers.AutoencoderKL(**SD15_VAE).to(device)
-  model = AutoencoderKL.from_config(SD15_VAE, remat=remat)
+  pt = diffusers.AutoencoderKL(**SD15_VAE)
+  state = _numpy_state(pt)
+  # Gradients w.r.t. the image only, as in the SDS step: without this PyTorch would also
+  # compute the weight gradients (about a third more work) that JAX's grad never computes.
+  pt = pt.to(device=device, dtype=TORCH_DTYPES[dtype]).requires_grad_(False)
+  model = AutoencoderKL.from_config(SD15_VAE, dtype=JAX_DTYPES[dtype], remat=remat)
   rng = np.random.default_rng(0)
   images = np.tanh(rng.standard_normal((1, size, size, 3))).astype(np.float32)
   target = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
-  params = jax.device_put(convert.convert_state_dict(_numpy_state(pt), target))
+  params = jax.device_put(convert.convert_state_dict(state, target))
 
   def loss(p, x):
     mean, _ = model.apply({"params": p}, x, method=model.encode)
-    return mean.sum()
+    return mean.astype(jnp.float32).sum()
 
   start = time.perf_counter()
   compiled = jax.jit(jax.grad(loss, argnums=1)).lower(params, images).compile()
@@ -131,28 +146,31 @@ def bench_vae(size: int, repeats: int, device, remat: bool) -> dict:
   x = jax.device_put(images)
   run_jax = lambda: compiled(params, x).block_until_ready()
 
-  pt_x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+  pt_x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device, pt.dtype)
 
   def run_torch():
     xg = pt_x.clone().requires_grad_(True)
-    pt.encode(xg).latent_dist.mean.sum().backward()
+    pt.encode(xg).latent_dist.mean.float().sum().backward()
     _sync_torch(device)
     return xg.grad
 
   times = _alternate(run_jax, run_torch, repeats)
-  want = run_torch().cpu().numpy().transpose(0, 2, 3, 1)
-  err = float(np.max(np.abs(np.asarray(run_jax()) - want)) / max(1.0, np.max(np.abs(want))))
-  return _summary(f"vae encode fwd+bwd ({size}², batch 1, remat={remat})", times, compile_s, err)
+  want = run_torch().float().cpu().numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(run_jax(), np.float32)
+  err = float(np.max(np.abs(got - want)) / max(1.0, np.max(np.abs(want))))
+  return _summary(f"vae encode fwd+bwd ({size}², batch 1, remat={remat}, {dtype})", times,
+                  compile_s, err)
 
 
 def _summary(name, times, compile_s, err):
   jax_med, torch_med = statistics.median(times["jax"]), statistics.median(times["torch"])
-  return dict(name=name, jax_s=round(jax_med, 3), torch_s=round(torch_med, 3),
+  # 5 decimals: GPU runs take milliseconds.
+  return dict(name=name, jax_s=round(jax_med, 5), torch_s=round(torch_med, 5),
               ratio_torch_over_jax=round(torch_med / jax_med, 3),
-              jax_min_s=round(min(times["jax"]), 3), torch_min_s=round(min(times["torch"]), 3),
+              jax_min_s=round(min(times["jax"]), 5), torch_min_s=round(min(times["torch"]), 5),
               jax_compile_s=round(compile_s, 1), rel_max_abs_err=err,
-              jax_times=[round(s, 3) for s in times["jax"]],
-              torch_times=[round(s, 3) for s in times["torch"]])
+              jax_times=[round(s, 5) for s in times["jax"]],
+              torch_times=[round(s, 5) for s in times["torch"]])
 
 
 def main():
@@ -162,18 +180,28 @@ def main():
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--vae-size", type=int, default=512)
   parser.add_argument("--no-remat", action="store_true", help="VAE encoder without remat")
+  parser.add_argument("--dtype", choices=sorted(JAX_DTYPES), default="float32",
+                      help="compute dtype: JAX computes in it with float32 weights, PyTorch casts "
+                           "the model to it (as a PyTorch user would)")
   parser.add_argument("--torch-threads", type=int, default=0,
                       help="torch.set_num_threads (0: torch's default)")
   args = parser.parse_args()
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if device.type == "cuda":
+    # float32 convolutions and matrix products in TF32 on both sides: XLA's default precision
+    # on GPU; PyTorch's default for cuDNN convolutions but not for cuBLAS products.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
   results = []
   for what in args.what:
     if what == "unet":
-      results.append(bench_unet(args.batch, args.repeats, device))
+      results.append(bench_unet(args.batch, args.repeats, device, args.dtype))
     else:
-      results.append(bench_vae(args.vae_size, args.repeats, device, not args.no_remat))
+      results.append(bench_vae(args.vae_size, args.repeats, device, not args.no_remat,
+                               args.dtype))
   report = dict(
       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       jax_device=str(jax.devices()[0]), torch_device=str(device),
@@ -187,7 +215,7 @@ def main():
         "| rel. max err |")
   print("|---|---|---|---|---|---|")
   for r in results:
-    print(f"| {r['name']} | {r['jax_s']:.2f} | {r['torch_s']:.2f} | "
+    print(f"| {r['name']} | {r['jax_s']:.4g} | {r['torch_s']:.4g} | "
           f"{r['ratio_torch_over_jax']:.2f} | {r['jax_compile_s']:.1f} | "
           f"{r['rel_max_abs_err']:.1e} |")
 

@@ -191,3 +191,24 @@ def test_conversion_rules():
   assert convert.convert_leaf(lin[0], "weight", {"scale": None, "bias": None})[0] == "scale"
   assert convert.convert_leaf(lin, "weight", {"embedding": None})[0] == "embedding"
   assert convert.convert_leaf(lin[0], "bias", {"kernel": None, "bias": None})[0] == "bias"
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    (8, 3, 1, 1),     # im2col on CPU (≤ IM2COL_MAX_PIXELS)
+    (24, 3, 1, 1),    # XLA's convolution
+    (8, 1, 1, 0),     # 1×1: a plain matrix product on CPU
+    (9, 3, 2, 0),     # stride 2, no padding (the VAE's downsampler after its own pad)
+])
+def test_conv2d_matches_torch(size, kernel, stride, padding):
+  from sdsjax.models.resnet import IM2COL_MAX_PIXELS, Conv2D
+  assert (8 * 8 <= IM2COL_MAX_PIXELS) and (24 * 24 > IM2COL_MAX_PIXELS)
+  rng = np.random.default_rng(size + kernel)
+  x = rng.standard_normal((2, size, size, 5)).astype(np.float32)
+  w = rng.standard_normal((7, 5, kernel, kernel)).astype(np.float32)   # torch OIHW
+  b = rng.standard_normal((7,)).astype(np.float32)
+  params = {"params": {"kernel": jnp.asarray(w.transpose(2, 3, 1, 0)), "bias": jnp.asarray(b)}}
+  got = Conv2D(7, kernel, stride=stride, padding=padding).apply(params, jnp.asarray(x))
+  want = torch.nn.functional.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(w),
+                                    torch.from_numpy(b), stride=stride, padding=padding)
+  np.testing.assert_allclose(np.asarray(got), want.numpy().transpose(0, 2, 3, 1),
+                             atol=TOL, rtol=TOL)

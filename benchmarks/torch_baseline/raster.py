@@ -92,7 +92,7 @@ def _normalize(v: torch.Tensor, eps: float) -> torch.Tensor:
 def look_at(eye: torch.Tensor, fov_deg: torch.Tensor) -> Cameras:
   """Cameras at `eye` (B, 3) looking at the origin with +y up (sdsjax.camera.look_at)."""
   z_axis = _normalize(eye, 1e-12)
-  up = torch.tensor([0.0, 1.0, 0.0], dtype=eye.dtype).expand_as(eye)
+  up = torch.tensor([0.0, 1.0, 0.0], dtype=eye.dtype, device=eye.device).expand_as(eye)
   x_raw = torch.linalg.cross(up, z_axis)
   # Straight overhead: fall back to ∓z as "up" so the frame stays finite.
   fallback = torch.zeros_like(eye)
@@ -102,7 +102,7 @@ def look_at(eye: torch.Tensor, fov_deg: torch.Tensor) -> Cameras:
   x_axis = _normalize(x_raw, 1e-12)
   y_axis = torch.linalg.cross(z_axis, x_axis)
   rotation = torch.stack([x_axis, y_axis, z_axis], dim=1)          # (B, 3, 3), rows = axes
-  world_to_view = torch.eye(4, dtype=eye.dtype).repeat(eye.shape[0], 1, 1)
+  world_to_view = torch.eye(4, dtype=eye.dtype, device=eye.device).repeat(eye.shape[0], 1, 1)
   world_to_view[:, :3, :3] = rotation
   world_to_view[:, :3, 3] = -(rotation @ eye[:, :, None])[..., 0]
   focal = 1.0 / torch.tan(torch.deg2rad(fov_deg) / 2)
@@ -188,7 +188,7 @@ def select_faces(xy: torch.Tensor, z: torch.Tensor, valid: torch.Tensor,
     hi = torch.cat([hi, hi.new_full((batch, pad, 2), -torch.inf)], 1)
 
   # Tiles: pixel-centre rectangles in NDC, (nt,).
-  t_idx = torch.arange(per_side * per_side)
+  t_idx = torch.arange(per_side * per_side, device=lo.device)
   ty, tx = t_idx // per_side, t_idx % per_side
   x_lo = (2.0 * (tx * tile) + 1.0) / size - 1.0
   x_hi = (2.0 * (tx * tile + tile - 1) + 1.0) / size - 1.0
@@ -206,7 +206,7 @@ def select_faces(xy: torch.Tensor, z: torch.Tensor, valid: torch.Tensor,
   cand_ids = torch.clamp(cand_ids, max=num_faces - 1)
 
   # Pixel centres of every tile: (nt, T², 1).
-  local = torch.arange(tile)
+  local = torch.arange(tile, device=lo.device)
   rows = ty[:, None] * tile + local.repeat_interleave(tile)[None]
   cols = tx[:, None] * tile + local.repeat(tile)[None]
   px = ((2.0 * cols + 1.0) / size - 1.0).to(dtype)[None, ..., None]
@@ -245,15 +245,15 @@ def _top_k_low_index_ties(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
   index·1e-14 in float64 breaks the ties without reordering distinct float32 scores (≥ 0.1
   here, whose spacing is ≥ 7e-9 ≫ 17k·1e-14); a stable sort would do the same, 5× slower.
   """
-  index = torch.arange(x.shape[-1], dtype=torch.float64)
+  index = torch.arange(x.shape[-1], dtype=torch.float64, device=x.device)
   key = x.to(torch.float64) - index * 1e-14
   _, top = torch.topk(key, k, dim=-1)
   return torch.gather(x, -1, top), top
 
 
-def pixel_centers(size: int, dtype) -> torch.Tensor:
+def pixel_centers(size: int, dtype, device=None) -> torch.Tensor:
   """(S·S, 2) NDC (x, y) of pixel centres, row-major; row 0 is the top (y = +1)."""
-  coords = (2.0 * torch.arange(size, dtype=dtype) + 1.0) / size - 1.0
+  coords = (2.0 * torch.arange(size, dtype=dtype, device=device) + 1.0) / size - 1.0
   y, x = torch.meshgrid(-coords, coords, indexing="ij")
   return torch.stack([x, y], -1).reshape(-1, 2)
 
@@ -265,7 +265,7 @@ def _gather_faces(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
   would back-propagate through a much slower sorting index_put.
   """
   batch, num_faces, width = table.shape
-  offsets = (torch.arange(batch) * num_faces).reshape(batch, *([1] * (ids.dim() - 1)))
+  offsets = (torch.arange(batch, device=ids.device) * num_faces).reshape(batch, *([1] * (ids.dim() - 1)))
   flat = table.reshape(batch * num_faces, width).index_select(0, (ids + offsets).reshape(-1))
   return flat.reshape(*ids.shape, width)
 
@@ -282,7 +282,8 @@ def evaluate(xy, z, ids, pixels, settings: RasterSettings):
   table = torch.cat([xy.reshape(*xy.shape[:2], 6), z], -1)          # (B, F, 9)
   gathered = _gather_faces(table, torch.clamp(ids, min=0))          # (B, N, K, 9)
   # Empty slots see a harmless canonical triangle so no NaN reaches the gradient.
-  canonical = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype=dtype)
+  canonical = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype=dtype,
+                           device=xy.device)
   gathered = torch.where(used[..., None], gathered, canonical)
   x0, y0, x1, y1, x2, y2, z0, z1, z2 = gathered.unbind(-1)
   px = pixels[None, :, 0:1]                                          # (1, N, 1)
@@ -306,10 +307,10 @@ def evaluate(xy, z, ids, pixels, settings: RasterSettings):
                                       segment_dist2(x1, y1, x2, y2)),
                         segment_dist2(x2, y2, x0, y0))
   logit = torch.where(inside, dist2, -dist2) / settings.sigma
-  zero = torch.zeros((), dtype=dtype)
+  zero = torch.zeros((), dtype=dtype, device=xy.device)
   coverage = torch.where(used, torch.sigmoid(logit), zero)
   log_coverage = torch.where(used, torch.nn.functional.logsigmoid(logit),
-                             torch.full((), -torch.inf, dtype=dtype))
+                             torch.full((), -torch.inf, dtype=dtype, device=xy.device))
   # Clipped, then perspective-correct barycentrics.
   c0, c1, c2 = torch.clamp(l0, min=0.0), torch.clamp(l1, min=0.0), torch.clamp(l2, min=0.0)
   total = torch.clamp(c0 + c1 + c2, min=1e-12)
@@ -341,7 +342,7 @@ def render(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras, lights: L
   ids, overflow = select_faces(xy, z, valid, settings)
   batch = verts.shape[0]
   ids = ids.reshape(batch, size * size, -1)
-  pixels = pixel_centers(size, dtype)
+  pixels = pixel_centers(size, dtype, verts.device)
   bary, depth, coverage, log_coverage, used = evaluate(xy, z, ids, pixels, settings)
 
   # Lambertian shading with interpolated smooth normals and a grey albedo.
@@ -351,15 +352,15 @@ def render(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras, lights: L
   normals = _normalize((bary[..., None] * corner).sum(-2), 1e-20)   # (B, N, K, 3)
   lambert = torch.clamp((normals * lights.direction[:, None, None]).sum(-1, keepdim=True),
                         min=0.0)
-  grey = torch.tensor(albedo, dtype=dtype)
+  grey = torch.tensor(albedo, dtype=dtype, device=verts.device)
   colors = grey * (lights.ambient[:, None, None, None]
                    + lights.diffuse[:, None, None, None] * lambert)
 
   # SoftRas softmax over depth in log space, then alpha compositing over the background.
-  bg = torch.tensor(background, dtype=dtype)
+  bg = torch.tensor(background, dtype=dtype, device=verts.device)
   z_n = torch.clamp((settings.far - depth) / (settings.far - settings.near), 0.0, 1.0)
   logits = torch.where(used, log_coverage + z_n / settings.gamma,
-                       torch.full((), -torch.inf, dtype=dtype))
+                       torch.full((), -torch.inf, dtype=dtype, device=verts.device))
   bg_logit = settings.eps / settings.gamma
   shift = torch.clamp(logits.amax(-1, keepdim=True), min=bg_logit).detach()
   w = torch.exp(logits - shift)

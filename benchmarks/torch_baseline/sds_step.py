@@ -37,6 +37,21 @@ def configure_threads(num_threads: int = 0) -> None:
   torch.set_num_threads(num_threads or os.cpu_count() or 1)
 
 
+def default_device() -> torch.device:
+  """CUDA where available: the baseline runs where a PyTorch user would run it."""
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def configure_precision(device: torch.device) -> None:
+  """On CUDA, float32 matrix products and convolutions in TF32, as XLA does them by default
+  (JAX's DEFAULT precision), so both sides do the same arithmetic. cuDNN convolutions
+  already default to TF32 in PyTorch; cuBLAS matrix products do not."""
+  if device.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
 @dataclasses.dataclass
 class StableDiffusionParts:
   """The pipeline parts the SDS step needs, in eval mode with frozen parameters."""
@@ -48,17 +63,22 @@ class StableDiffusionParts:
   scaling_factor: float
   prediction_type: str
   dtype: torch.dtype
+  device: torch.device
 
 
 def load_parts(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-               compile_models: bool = False) -> StableDiffusionParts:
+               compile_models: bool = False,
+               device: torch.device | str | None = None) -> StableDiffusionParts:
   """Loads UNet, VAE, text encoder, tokenizer and scheduler from a diffusers folder.
 
   Args:
     folder: diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
     dtype: compute dtype of the UNet and VAE (the text encoder runs once, in float32).
     compile_models: wrap the UNet and the VAE encoder in `torch.compile`.
+    device: where the models live (default: CUDA where available, else CPU). Run the step
+      under `with torch.device(parts.device):` so the renderer's tensors are made there too.
   """
+  device = torch.device(device) if device is not None else default_device()
   from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
   from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -70,6 +90,7 @@ def load_parts(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
   tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
   scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
   for model in (unet, vae, text_encoder):
+    model.to(device)
     model.eval()
     model.requires_grad_(False)   # gradients go to the render only, never to the weights
   if compile_models:
@@ -77,9 +98,9 @@ def load_parts(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     vae.encoder = torch.compile(vae.encoder)
   return StableDiffusionParts(
       unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-      alphas_cumprod=scheduler.alphas_cumprod.to(torch.float32),
+      alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
       scaling_factor=float(vae.config.scaling_factor),
-      prediction_type=scheduler.config.prediction_type, dtype=dtype)
+      prediction_type=scheduler.config.prediction_type, dtype=dtype, device=device)
 
 
 @torch.no_grad()
@@ -87,7 +108,7 @@ def encode_text(parts: StableDiffusionParts, prompts: list[str]) -> torch.Tensor
   """(N, L, D) CLIP last_hidden_state (after the final layer norm), padded to max length."""
   tokens = parts.tokenizer(prompts, padding="max_length", truncation=True,
                            max_length=parts.tokenizer.model_max_length, return_tensors="pt")
-  return parts.text_encoder(tokens.input_ids)[0]
+  return parts.text_encoder(tokens.input_ids.to(parts.device))[0]
 
 
 def embedding_table(parts: StableDiffusionParts, prompts: list[str], negative: str = "",
@@ -109,10 +130,10 @@ class Head:
   faces: torch.Tensor   # (F, 3) int64
 
   @classmethod
-  def from_arrays(cls, mean, basis, faces) -> "Head":
-    return cls(mean=torch.tensor(np.asarray(mean, np.float32)),
-               basis=torch.tensor(np.asarray(basis, np.float32)),
-               faces=torch.tensor(np.asarray(faces, np.int64)))
+  def from_arrays(cls, mean, basis, faces, device: torch.device | str = "cpu") -> "Head":
+    return cls(mean=torch.tensor(np.asarray(mean, np.float32), device=device),
+               basis=torch.tensor(np.asarray(basis, np.float32), device=device),
+               faces=torch.tensor(np.asarray(faces, np.int64), device=device))
 
   def vertices(self, weights: torch.Tensor) -> torch.Tensor:
     """(P, K) weights -> (P, V, 3)."""
@@ -148,32 +169,33 @@ def sample_inputs(generator: torch.Generator, cfg, num_prompts: int, step: int,
   n = num_prompts * cfg.sds_samples
   cam = cfg.camera
   g = generator
+  dev = g.device
 
   def uniform(lo, hi, size=(n,)):
-    return lo + (hi - lo) * torch.rand(size, generator=g)
+    return lo + (hi - lo) * torch.rand(size, generator=g, device=dev)
 
   spread = max(float(cam.azimuth_spread), 1e-6)
-  normal = torch.empty(n)
+  normal = torch.empty(n, device=dev)
   torch.nn.init.trunc_normal_(normal, 0.0, spread, -180.0, 180.0, generator=g)
-  azimuth = torch.where(torch.rand(n, generator=g) < cam.back_view_prob,
+  azimuth = torch.where(torch.rand(n, generator=g, device=dev) < cam.back_view_prob,
                         uniform(-180.0, 180.0), normal)
   azimuth = 180.0 - torch.remainder(180.0 - azimuth, 360.0)
   elevation = uniform(*cam.elevation_range)
   distance = uniform(*cam.distance_range)
   fov = uniform(*cam.fov_range)
   cameras = raster.orbit_cameras(azimuth, elevation, distance, fov)
-  position = cameras.eye + torch.randn(n, 3, generator=g)
+  position = cameras.eye + torch.randn(n, 3, generator=g, device=dev)
   direction = position / position.norm(dim=-1, keepdim=True).clamp(min=1e-6)
   lights = raster.Lights(direction=direction,
-                         ambient=torch.full((n,), cfg.light.ambient),
-                         diffuse=torch.full((n,), cfg.light.diffuse))
+                         ambient=torch.full((n,), cfg.light.ambient, device=dev),
+                         diffuse=torch.full((n,), cfg.light.diffuse, device=dev))
   t_min, t_max = cfg.t_range
   frac = min(max(step / max(cfg.steps - 1, 1), 0.0), 1.0)
   t_hi = t_max + (cfg.t_max_end - t_max) * frac
   lo, hi = math.floor(t_min * num_timesteps), math.ceil(t_hi * num_timesteps)
   t = uniform(lo, hi).long().clamp(0, num_timesteps - 1)
   h = cfg.sd_resolution // 8
-  noise = torch.randn(n, latent_channels, h, h, generator=g)
+  noise = torch.randn(n, latent_channels, h, h, generator=g, device=dev)
   return SdsInputs(cameras=cameras, lights=lights, azimuth=azimuth, elevation=elevation,
                    t=t, noise=noise)
 
@@ -226,7 +248,7 @@ class SdsGradient:
       rows = 1 + raster.view_index(inputs.azimuth, inputs.elevation)
     else:
       rows = torch.ones_like(inputs.t)
-    prompt = torch.arange(embeddings.shape[0]).repeat_interleave(n)
+    prompt = torch.arange(embeddings.shape[0], device=embeddings.device).repeat_interleave(n)
     cond = embeddings[prompt, rows]
     uncond = embeddings[prompt, 0]
     latents = latents.detach().float()
@@ -274,6 +296,11 @@ def lr_lambda(cfg):
   return lambda count: 1.0
 
 
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+  """A seeded generator on the step's device, so the random draws are made there."""
+  return torch.Generator(device=device).manual_seed(int(seed))
+
+
 def make_optimizer(cfg, params: torch.Tensor):
   """Adam with L2 added to the gradient before the moments (clip -> L2 -> Adam)."""
   opt = torch.optim.Adam([params], lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2), eps=1e-8,
@@ -292,10 +319,10 @@ class LoopBaseline:
     self.num_timesteps = parts.alphas_cumprod.shape[0]
     self.weights, self.optimizers, self.generators = [], [], []
     for seed in seeds:
-      w = torch.zeros(1, head.basis.shape[0], requires_grad=True)
+      w = torch.zeros(1, head.basis.shape[0], device=parts.device, requires_grad=True)
       self.weights.append(w)
       self.optimizers.append(make_optimizer(cfg, w))
-      self.generators.append(torch.Generator().manual_seed(int(seed)))
+      self.generators.append(_generator(seed, parts.device))
     self.step_count = 0
     self.skipped = [0] * len(seeds)
 
@@ -332,11 +359,12 @@ class BatchedBaseline:
     self.embeddings = embeddings
     self.num_timesteps = parts.alphas_cumprod.shape[0]
     self.num_prompts = embeddings.shape[0]
-    self.weights = torch.zeros(self.num_prompts, head.basis.shape[0], requires_grad=True)
+    self.weights = torch.zeros(self.num_prompts, head.basis.shape[0], device=parts.device,
+                               requires_grad=True)
     self.optimizer, self.scheduler = make_optimizer(cfg, self.weights)
-    self.generator = torch.Generator().manual_seed(int(seed))
+    self.generator = _generator(seed, parts.device)
     self.step_count = 0
-    self.skipped = torch.zeros(self.num_prompts, dtype=torch.int64)
+    self.skipped = torch.zeros(self.num_prompts, dtype=torch.int64, device=parts.device)
 
   def step(self) -> dict:
     inputs = sample_inputs(self.generator, self.cfg, self.num_prompts, self.step_count,

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdsjax.models.resnet import Conv2D
+
 
 # Non-GPU path budgets, in float32 logits: attention up to _SMALL_ELEMENTS (16 MB) in all heads
 # at once is computed in one go; larger ones one head and _BLOCK_ELEMENTS (8 MB) of logits at a
@@ -166,12 +168,12 @@ class Transformer2DModel(nn.Module):
     if self.use_linear_projection:
       x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
     else:
-      x = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, inner)
+      x = Conv2D(inner, 1, dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, inner)
     for i in range(self.num_layers):
       x = BasicTransformerBlock(inner, self.heads, self.dim_head, upcast=self.upcast,
                                 dtype=self.dtype, name=f"transformer_blocks_{i}")(x, context)
     if self.use_linear_projection:
       x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
     else:
-      x = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(x.reshape(b, h, w, inner))
+      x = Conv2D(c, 1, dtype=self.dtype, name="proj_out")(x.reshape(b, h, w, inner))
     return x + residual
