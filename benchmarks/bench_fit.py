@@ -202,12 +202,21 @@ class TorchRunner:
     self.device = parts.device
 
   def run(self, k: int) -> None:
-    import torch
-    with torch.device(self.device):
+    def steps():
       for _ in range(k):
         self.baseline.step()
-    if self.device.type == "cuda":
-      torch.cuda.synchronize()
+    run_torch(self.device, steps)
+
+
+def run_torch(device, fn) -> None:
+  """Runs `fn` with `device` as torch's default device, then waits for it (CUDA is
+  asynchronous, so a clock read must follow the synchronisation). The baseline names its
+  devices itself; the default device only guards against a factory call that does not."""
+  import torch
+  with torch.device(device):
+    fn()
+  if device.type == "cuda":
+    torch.cuda.synchronize()
 
 
 def cost_flops(compiled) -> float | None:
@@ -501,17 +510,10 @@ def breakdown(cfg, shared, num_prompts: int, repeats: int = 3) -> dict:
   def torch_unet():
     parts.unet(t_z.to(parts.dtype), t_t, encoder_hidden_states=t_emb.to(parts.dtype))
 
-  def synced(fn):   # CUDA runs asynchronously: time to completion
-    def run():
-      with torch.device(dev):
-        fn()
-      if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return run
-
   for name, fn in zip(jax_stages, (torch_render, torch_encode, torch_unet)):
-    synced(fn)()
-    out[name]["torch_s"] = best_time(synced(fn), repeats)
+    timed = lambda fn=fn: run_torch(dev, fn)
+    timed()
+    out[name]["torch_s"] = best_time(timed, repeats)
   return out
 
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.torch_baseline import sds_step  # noqa: E402
 from sdsjax.models import convert  # noqa: E402
 from sdsjax.models.autoencoder_kl import AutoencoderKL  # noqa: E402
 from sdsjax.models.unet_2d_condition import UNet2DConditionModel  # noqa: E402
@@ -188,13 +189,8 @@ def main():
   args = parser.parse_args()
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
-  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  if device.type == "cuda":
-    # float32 convolutions and matrix products in TF32 on both sides: XLA's default precision
-    # on GPU; PyTorch's default for cuDNN convolutions but not for cuBLAS products.
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+  device = sds_step.default_device()
+  sds_step.configure_precision(device)   # TF32 on CUDA, as XLA's default precision there
   results = []
   for what in args.what:
     if what == "unet":

@@ -265,7 +265,8 @@ def _gather_faces(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
   would back-propagate through a much slower sorting index_put.
   """
   batch, num_faces, width = table.shape
-  offsets = (torch.arange(batch, device=ids.device) * num_faces).reshape(batch, *([1] * (ids.dim() - 1)))
+  offsets = (torch.arange(batch, device=ids.device) * num_faces).reshape(
+      batch, *([1] * (ids.dim() - 1)))
   flat = table.reshape(batch * num_faces, width).index_select(0, (ids + offsets).reshape(-1))
   return flat.reshape(*ids.shape, width)
 

@@ -75,8 +75,9 @@ def load_parts(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     folder: diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
     dtype: compute dtype of the UNet and VAE (the text encoder runs once, in float32).
     compile_models: wrap the UNet and the VAE encoder in `torch.compile`.
-    device: where the models live (default: CUDA where available, else CPU). Run the step
-      under `with torch.device(parts.device):` so the renderer's tensors are made there too.
+    device: where the models live (default: CUDA where available, else CPU). The step's
+      tensors follow it: the random draws use a generator on it, and the renderer makes its
+      tensors on the device of its inputs.
   """
   device = torch.device(device) if device is not None else default_device()
   from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 IM2COL_MAX_PIXELS = 256
 
 
-def _use_im2col(x: jax.Array, kernel: int, stride: int) -> bool:
+def _as_matmul(x: jax.Array, kernel: int, stride: int) -> bool:
   if stride != 1 or jax.default_backend() != "cpu":
     return False
   # A 1×1 convolution is a plain GEMM, which XLA:CPU runs ~1.4× faster than its conv
@@ -54,7 +54,7 @@ class Conv2D(nn.Module):
                         (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if _use_im2col(x, k, self.stride):
+    if _as_matmul(x, k, self.stride):
       y = conv_im2col(x, kernel, self.padding)
     else:
       pad = (self.padding, self.padding)
