@@ -14,7 +14,8 @@ One step updates all P prompts once. Reported: steps/s and prompts·steps/s (med
 --repeats), compile time, XLA's FLOP estimate of the jitted step (`cost_analysis`) and the
 achieved FLOP/s of every implementation against it, and peak memory (host RSS of a child process
 that runs only that implementation; device peak on GPU). JSON goes to stdout (and --json),
-followed by a markdown table with the ratios to the baseline.
+followed by a markdown table with the ratios to the baseline. Freed memory stays mapped in the
+process, for every implementation, as in `python -m sdsjax.fit` (`--malloc default`: not).
 
 Models (random weights, written once under $SDSJAX_CACHE, never downloaded):
 * tiny: the built-in tiny-random model, configs/tiny.yaml (render 32², SD 64²);
@@ -48,6 +49,7 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from sdsjax import config as config_lib  # noqa: E402  (jax-free)
+from sdsjax import host_memory  # noqa: E402  (jax-free)
 from sdsjax.models import tiny_random    # noqa: E402  (jax-free)
 
 IMPLS = ("sdsjax", "torch-loop", "torch-batched")
@@ -323,6 +325,7 @@ def measure_memory(args, impl: str, num_prompts: int, head_file: str) -> dict:
     cmd.append("--torch-compile")
   if args.torch_threads:
     cmd += ["--torch-threads", str(args.torch_threads)]
+  cmd += ["--malloc", args.malloc]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   for line in proc.stdout.splitlines():
     if line.startswith("CHILD_RESULT "):
@@ -377,6 +380,7 @@ def bench(args) -> dict:
              "num_components": cfg.num_components, "steps_per_repeat": steps,
              "repeats": args.repeats, "torch_compile": args.torch_compile,
              "torch_threads": None, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+             "malloc_keep_freed_memory": args.malloc_kept,
              "device": device_name(), "load_s": load_s,
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "runs": []}
@@ -583,6 +587,10 @@ def parse_args(argv=None):
                       "setting wins). default: libgomp's (spin briefly, then sleep), which was "
                       "fastest for torch on an idle machine without slowing XLA; passive suits "
                       "a machine shared with other jobs; active spins forever and slows XLA")
+  p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                 help="keep: sdsjax.host_memory.keep_freed_memory(), as python -m sdsjax.fit "
+                      "does, for every implementation (they share the process); default: "
+                      "glibc's defaults")
   p.add_argument("--torch-compile", action="store_true",
                  help="torch.compile the baseline's renderer, UNet and VAE encoder")
   p.add_argument("--memory", choices=("none", "max", "all"), default="max",
@@ -602,6 +610,8 @@ def main(argv=None) -> None:
   # Read by libgomp when torch loads it, which happens after this point (imports are lazy).
   if args.omp_wait_policy != "default":
     os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy.upper())
+  # Before any framework allocates (see sdsjax/host_memory.py); the child processes too.
+  args.malloc_kept = args.malloc == "keep" and host_memory.keep_freed_memory()
   if args.child:
     child_main(args)
     return

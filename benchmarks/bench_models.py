@@ -2,12 +2,16 @@
 
 * unet: SD-1.5-sized UNet forward, batch 2, 64x64x4 latents, 77x768 context.
 * vae: VAE (SD sizes) encode forward + backward w.r.t. the image at 512², batch 1
-  (posterior mean summed; the JAX encoder rematerialises its blocks, as the bundle does).
+  (posterior mean summed; the JAX encoder rematerialises its blocks, keeping convolution
+  outputs, as the bundle does).
 
 Both sides use the same random weights (PyTorch's default init, copied with
 `sdsjax.models.convert`; no download), the same inputs, and run alternately (JAX, PyTorch, JAX,
-...) after a warm-up, so shared-machine noise hits both; medians are reported. JAX compile
-time (lowering + XLA compilation) is reported separately. The outputs are compared as well.
+...) after two warm-up runs each, so shared-machine noise hits both; medians are reported. JAX
+compile time (lowering + XLA compilation) is reported separately. The outputs are compared as
+well. Page faults and kernel time per run are reported too: by default the process keeps freed
+memory mapped (`sdsjax.host_memory`, as `python -m sdsjax.fit` does), which speeds up both
+frameworks; `--malloc default` measures with glibc's defaults.
 
 Prints one JSON object and a markdown table. Runs unchanged on GPU (PyTorch uses CUDA when
 available).
@@ -24,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -41,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.torch_baseline import sds_step  # noqa: E402
+from sdsjax import host_memory  # noqa: E402
 from sdsjax.models import convert  # noqa: E402
 from sdsjax.models.autoencoder_kl import AutoencoderKL  # noqa: E402
 from sdsjax.models.unet_2d_condition import UNet2DConditionModel  # noqa: E402
@@ -73,19 +79,27 @@ def _numpy_state(model):
   return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-def _alternate(jax_fn, torch_fn, repeats: int):
-  """Warm-up once each, then `repeats` alternating timed runs. Returns per-side times (s)."""
-  jax_fn(), torch_fn()
-  times = {"jax": [], "torch": []}
+def _alternate(jax_fn, torch_fn, repeats: int, warmup: int):
+  """`warmup` untimed runs each, then `repeats` alternating timed runs. Returns per-side times (s)
+  and page-fault / kernel-time counts."""
+  for _ in range(warmup):
+    jax_fn(), torch_fn()
+  times = {"jax": [], "torch": [], "jax_faults": [], "torch_faults": [], "jax_sys": [],
+           "torch_sys": []}
   for _ in range(repeats):
     for side, fn in (("jax", jax_fn), ("torch", torch_fn)):
+      before = resource.getrusage(resource.RUSAGE_SELF)
       start = time.perf_counter()
       fn()
       times[side].append(time.perf_counter() - start)
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      # Page faults and kernel time: first touches of freshly mapped memory show up here.
+      times[side + "_faults"].append(after.ru_minflt - before.ru_minflt)
+      times[side + "_sys"].append(after.ru_stime - before.ru_stime)
   return times
 
 
-def bench_unet(batch: int, repeats: int, device, dtype: str) -> dict:
+def bench_unet(batch: int, repeats: int, warmup: int, device, dtype: str) -> dict:
   import diffusers
   torch.manual_seed(0)
   pt = diffusers.UNet2DConditionModel(**SD15_UNET).eval()
@@ -115,7 +129,7 @@ def bench_unet(batch: int, repeats: int, device, dtype: str) -> dict:
     _sync_torch(device)
     return out
 
-  times = _alternate(run_jax, run_torch, repeats)
+  times = _alternate(run_jax, run_torch, repeats, warmup)
   want = run_torch().float().cpu().numpy().transpose(0, 2, 3, 1)
   got = np.asarray(run_jax(), np.float32)
   err = float(np.max(np.abs(got - want)) / max(1.0, np.max(np.abs(want))))
@@ -123,7 +137,7 @@ def bench_unet(batch: int, repeats: int, device, dtype: str) -> dict:
                   compile_s, err)
 
 
-def bench_vae(size: int, repeats: int, device, remat: bool, dtype: str) -> dict:
+def bench_vae(size: int, repeats: int, warmup: int, device, remat: bool, dtype: str) -> dict:
   import diffusers
   torch.manual_seed(0)
   pt = diffusers.AutoencoderKL(**SD15_VAE)
@@ -155,12 +169,16 @@ def bench_vae(size: int, repeats: int, device, remat: bool, dtype: str) -> dict:
     _sync_torch(device)
     return xg.grad
 
-  times = _alternate(run_jax, run_torch, repeats)
+  times = _alternate(run_jax, run_torch, repeats, warmup)
   want = run_torch().float().cpu().numpy().transpose(0, 2, 3, 1)
   got = np.asarray(run_jax(), np.float32)
   err = float(np.max(np.abs(got - want)) / max(1.0, np.max(np.abs(want))))
-  return _summary(f"vae encode fwd+bwd ({size}², batch 1, remat={remat}, {dtype})", times,
-                  compile_s, err)
+  out = _summary(f"vae encode fwd+bwd ({size}², batch 1, remat={remat}, {dtype})", times,
+                 compile_s, err)
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    out["jax_temp_mb"] = round(memory.temp_size_in_bytes / 2**20)
+  return out
 
 
 def _summary(name, times, compile_s, err):
@@ -170,6 +188,10 @@ def _summary(name, times, compile_s, err):
               ratio_torch_over_jax=round(torch_med / jax_med, 3),
               jax_min_s=round(min(times["jax"]), 5), torch_min_s=round(min(times["torch"]), 5),
               jax_compile_s=round(compile_s, 1), rel_max_abs_err=err,
+              jax_page_faults=int(statistics.median(times["jax_faults"])),
+              torch_page_faults=int(statistics.median(times["torch_faults"])),
+              jax_sys_s=round(statistics.median(times["jax_sys"]), 2),
+              torch_sys_s=round(statistics.median(times["torch_sys"]), 2),
               jax_times=[round(s, 5) for s in times["jax"]],
               torch_times=[round(s, 5) for s in times["torch"]])
 
@@ -178,6 +200,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--what", nargs="+", default=["unet", "vae"], choices=["unet", "vae"])
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=2,
+                      help="untimed runs per side first (the heap settles over the first two)")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--vae-size", type=int, default=512)
   parser.add_argument("--no-remat", action="store_true", help="VAE encoder without remat")
@@ -186,7 +210,12 @@ def main():
                            "the model to it (as a PyTorch user would)")
   parser.add_argument("--torch-threads", type=int, default=0,
                       help="torch.set_num_threads (0: torch's default)")
+  parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                      help="keep: sdsjax.host_memory.keep_freed_memory() (as python -m sdsjax.fit "
+                           "does), for both frameworks, which share this process; default: "
+                           "glibc's defaults")
   args = parser.parse_args()
+  malloc_kept = args.malloc == "keep" and host_memory.keep_freed_memory()
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
   device = sds_step.default_device()
@@ -194,16 +223,16 @@ def main():
   results = []
   for what in args.what:
     if what == "unet":
-      results.append(bench_unet(args.batch, args.repeats, device, args.dtype))
+      results.append(bench_unet(args.batch, args.repeats, args.warmup, device, args.dtype))
     else:
-      results.append(bench_vae(args.vae_size, args.repeats, device, not args.no_remat,
+      results.append(bench_vae(args.vae_size, args.repeats, args.warmup, device, not args.no_remat,
                                args.dtype))
   report = dict(
       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       jax_device=str(jax.devices()[0]), torch_device=str(device),
       torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
       machine=platform.processor() or platform.machine(), jax=jax.__version__,
-      torch=torch.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+      torch=torch.__version__, malloc_keep_freed_memory=malloc_kept, xla_flags=os.environ.get("XLA_FLAGS", ""),
       command=" ".join([os.path.basename(sys.executable)] + sys.argv), results=results)
   print(json.dumps(report, indent=1))
   print()

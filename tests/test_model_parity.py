@@ -128,9 +128,17 @@ def test_vae_parity():
   assert _rel_err(mean, want_mean) < TOL
   assert _rel_err(logvar, want_logvar) < TOL
   assert _rel_err(decoded, want_image) < TOL
-  # The rematerialised encoder differentiates.
-  grad = jax.jit(jax.grad(lambda x: encode(params, x)[0].sum()))(x)
-  assert bool(jnp.all(jnp.isfinite(grad)))
+  # The encoder's gradient w.r.t. the image, with every remat policy and without remat.
+  xt = torch.from_numpy(images).requires_grad_(True)
+  pt.encode(xt).latent_dist.mean.sum().backward()
+  want_grad = xt.grad.numpy().transpose(0, 2, 3, 1)
+  for remat, policy in ((True, "convs"), (True, "blocks"), (False, "auto")):
+    variant = model.clone(remat=remat, remat_policy=policy)
+    grad = jax.jit(jax.grad(
+        lambda x: variant.apply({"params": params}, x, method=variant.encode)[0].sum()))(x)
+    assert _rel_err(grad, want_grad) < TOL, policy
+  with pytest.raises(ValueError, match="remat_policy"):
+    model.clone(remat_policy="everything").apply({"params": params}, x, method="encode")
 
 
 @pytest.mark.parametrize("config", [CLIP_SD15, CLIP_SD21], ids=["sd15", "sd21"])
@@ -193,22 +201,35 @@ def test_conversion_rules():
   assert convert.convert_leaf(lin[0], "bias", {"kernel": None, "bias": None})[0] == "bias"
 
 
-@pytest.mark.parametrize("size,kernel,stride,padding", [
-    (8, 3, 1, 1),     # im2col on CPU (≤ IM2COL_MAX_PIXELS)
-    (24, 3, 1, 1),    # XLA's convolution
-    (8, 1, 1, 0),     # 1×1: a plain matrix product on CPU
-    (9, 3, 2, 0),     # stride 2, no padding (the VAE's downsampler after its own pad)
+@pytest.mark.parametrize("shape,kernel,stride,padding,out,algorithm", [
+    ((2, 8, 8, 5), 3, 1, 1, 7, "im2col"),            # ≤ IM2COL_MAX_PIXELS
+    ((2, 22, 26, 32), 3, 1, 1, 40, "winograd"),      # H, W not multiples of the 4×4 tile
+    ((1, 16, 16, 48), 3, 1, 1, 32, "winograd"),
+    ((2, 24, 24, 5), 3, 1, 1, 7, "xla"),             # too few channels for Winograd
+    ((2, 8, 8, 5), 1, 1, 0, 7, "matmul"),            # 1×1
+    ((2, 9, 9, 5), 3, 2, 0, 7, "xla"),               # stride 2, no padding (VAE downsampler)
 ])
-def test_conv2d_matches_torch(size, kernel, stride, padding):
-  from sdsjax.models.resnet import IM2COL_MAX_PIXELS, Conv2D
-  assert (8 * 8 <= IM2COL_MAX_PIXELS) and (24 * 24 > IM2COL_MAX_PIXELS)
-  rng = np.random.default_rng(size + kernel)
-  x = rng.standard_normal((2, size, size, 5)).astype(np.float32)
-  w = rng.standard_normal((7, 5, kernel, kernel)).astype(np.float32)   # torch OIHW
-  b = rng.standard_normal((7,)).astype(np.float32)
-  params = {"params": {"kernel": jnp.asarray(w.transpose(2, 3, 1, 0)), "bias": jnp.asarray(b)}}
-  got = Conv2D(7, kernel, stride=stride, padding=padding).apply(params, jnp.asarray(x))
-  want = torch.nn.functional.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(w),
-                                    torch.from_numpy(b), stride=stride, padding=padding)
-  np.testing.assert_allclose(np.asarray(got), want.numpy().transpose(0, 2, 3, 1),
-                             atol=TOL, rtol=TOL)
+def test_conv2d_matches_torch(shape, kernel, stride, padding, out, algorithm):
+  """Every CPU path of Conv2D, forward and both gradients, against torch's conv2d."""
+  from sdsjax.models.resnet import Conv2D, conv_algorithm
+  assert conv_algorithm(jnp.zeros(shape), kernel, out, stride, padding) == algorithm
+  rng = np.random.default_rng(shape[1] + kernel)
+  x = rng.standard_normal(shape).astype(np.float32)
+  w = rng.standard_normal((out, shape[-1], kernel, kernel)).astype(np.float32)   # torch OIHW
+  b = rng.standard_normal((out,)).astype(np.float32)
+  conv = Conv2D(out, kernel, stride=stride, padding=padding)
+  params = {"kernel": jnp.asarray(w.transpose(2, 3, 1, 0)), "bias": jnp.asarray(b)}
+  got, vjp = jax.vjp(lambda p, x: conv.apply({"params": p}, x), params, jnp.asarray(x))
+
+  xt, wt = (torch.from_numpy(a).requires_grad_(True) for a in (x.transpose(0, 3, 1, 2), w))
+  want = torch.nn.functional.conv2d(xt, wt, torch.from_numpy(b), stride=stride, padding=padding)
+  dy = rng.standard_normal(want.shape).astype(np.float32)
+  want.backward(torch.from_numpy(dy))
+  dparams, dx = vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))
+
+  def close(a, b):   # Winograd's error is ~2e-5 of the output's scale
+    a, b = np.asarray(a), b.detach().numpy()
+    assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)), np.max(np.abs(a - b))
+  close(got, want.permute(0, 2, 3, 1))
+  close(dx, xt.grad.permute(0, 2, 3, 1))
+  close(dparams["kernel"], wt.grad.permute(2, 3, 1, 0))

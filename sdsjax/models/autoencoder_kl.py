@@ -1,8 +1,9 @@
 """The Stable Diffusion VAE (diffusers' AutoencoderKL) in Flax, NHWC.
 
 `encode(images in [-1, 1]) -> (mean, logvar)` and `decode(z) -> images in [-1, 1]`; the bundle
-applies `scaling_factor`. `remat` recomputes encoder blocks in the backward pass, since SDS
-back-propagates through the encoder at 512² and its activations are large.
+applies `scaling_factor`. `remat` recomputes (parts of) the encoder blocks in the backward pass
+(`remat_policy`), since SDS back-propagates through the encoder at 512² and its activations are
+large.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Sequence
 
 import chex
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from sdsjax.models.attention import Attention
@@ -64,23 +66,44 @@ class UpDecoderBlock(nn.Module):
     return x
 
 
+REMAT_POLICIES = ("auto", "convs", "blocks")
+
+
+def remat_policy(name: str):
+  """The jax.checkpoint policy of the encoder blocks: "blocks" recomputes them whole; "convs"
+  keeps the convolution outputs and recomputes the norms, activations and attention; "auto"
+  picks per backend. From XLA's temp memory and the time of an SD-1.5 VAE encode fwd+bwd at 512²
+  (benchmarks/bench_vae_remat.py): on CPU, whole blocks saved little memory over no remat and
+  cost a forward pass, while "convs" needed the least memory; on an H200 whole blocks saved
+  memory and "convs" did not (see benchmarks/RESULTS.md)."""
+  if name == "auto":
+    name = "convs" if jax.default_backend() == "cpu" else "blocks"
+  if name == "convs":
+    return jax.checkpoint_policies.save_only_these_names("conv_out")
+  if name == "blocks":
+    return None
+  raise ValueError(f"remat_policy {name!r}: expected one of {REMAT_POLICIES}")
+
+
 class Encoder(nn.Module):
   block_out_channels: Sequence[int]
   layers_per_block: int
   latent_channels: int
   groups: int
   remat: bool
+  remat_policy: str
   dtype: Any
 
   @nn.compact
   def __call__(self, x):
-    block = nn.remat(DownEncoderBlock) if self.remat else DownEncoderBlock
+    policy = remat_policy(self.remat_policy)
+    block = nn.remat(DownEncoderBlock, policy=policy) if self.remat else DownEncoderBlock
     x = conv(self.block_out_channels[0], 3, "conv_in", self.dtype)(x)
     n = len(self.block_out_channels)
     for i, ch in enumerate(self.block_out_channels):
       x = block(ch, self.layers_per_block, i < n - 1, self.groups, self.dtype,
                 name=f"down_blocks_{i}")(x)
-    mid = nn.remat(VAEMidBlock) if self.remat else VAEMidBlock
+    mid = nn.remat(VAEMidBlock, policy=policy) if self.remat else VAEMidBlock
     x = mid(self.block_out_channels[-1], self.groups, self.dtype, name="mid_block")(x)
     x = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="conv_norm_out")(x)
     return conv(2 * self.latent_channels, 3, "conv_out", self.dtype)(nn.silu(x))
@@ -120,6 +143,7 @@ class AutoencoderKL(nn.Module):
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   remat: bool = False
+  remat_policy: str = "auto"   # see remat_policy()
   dtype: Any = jnp.float32
 
   @classmethod
@@ -139,7 +163,7 @@ class AutoencoderKL(nn.Module):
 
   def setup(self):
     self.encoder = Encoder(self.block_out_channels, self.layers_per_block, self.latent_channels,
-                           self.norm_num_groups, self.remat, self.dtype)
+                           self.norm_num_groups, self.remat, self.remat_policy, self.dtype)
     self.decoder = Decoder(self.block_out_channels, self.layers_per_block, self.out_channels,
                            self.norm_num_groups, self.dtype)
     if self.use_quant_conv:

@@ -7,21 +7,36 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from sdsjax.models.winograd import conv3x3_winograd
 
 
-# XLA:CPU's own convolution emitter is slow on small images with many channels (8²×1280: 115 ms
-# against PyTorch's 42 ms, benchmarks/RESULTS.md), while its GEMMs keep pace with PyTorch's. So
-# there a 3×3 convolution is done as one GEMM over the 9 shifted copies of the input (im2col).
-# It loses on large images (the copies cost more than the GEMM gains), hence the size limit.
-IM2COL_MAX_PIXELS = 256
+# XLA:CPU's own convolution trails oneDNN's (PyTorch) by 10-20%, while its GEMMs keep pace. So on
+# CPU a convolution becomes GEMMs where that is faster (benchmarks/bench_ops.py, ms vs XLA's):
+# - 1×1: a plain GEMM (64²×320→320: 11.8 vs 15.9).
+# - 3×3 on images of ≤ 8²: one im2col GEMM over the 9 shifted copies (8²×1280: 33 vs 41).
+# - 3×3 on larger images, float32, ≥ 32 channels: Winograd F(4,3), 4× fewer multiplies
+#   (64²×320: 34 vs 89; 128²×512: 140 vs 380; 512²×128: 332 vs 392).
+# Few channels (the RGB input, the 4-channel latents) leave the transforms nothing to amortise.
+IM2COL_MAX_PIXELS = 64
+WINOGRAD_MIN_CHANNELS = 32
 
 
-def _as_matmul(x: jax.Array, kernel: int, stride: int) -> bool:
+def conv_algorithm(x: jax.Array, kernel: int, out_channels: int, stride: int, padding: int) -> str:
+  """How Conv2D computes: "xla" (lax.conv_general_dilated), "matmul", "im2col" or "winograd"."""
   if stride != 1 or jax.default_backend() != "cpu":
-    return False
-  # A 1×1 convolution is a plain GEMM, which XLA:CPU runs ~1.4× faster than its conv
-  # (64²×320→320: 10.9 vs 15.7 ms); a 3×3 one only pays off on small images.
-  return kernel == 1 or (kernel == 3 and x.shape[-3] * x.shape[-2] <= IM2COL_MAX_PIXELS)
+    return "xla"
+  if kernel == 1 and padding == 0:
+    return "matmul"
+  if kernel != 3:
+    return "xla"
+  if x.shape[-3] * x.shape[-2] <= IM2COL_MAX_PIXELS:
+    return "im2col"
+  if (padding == 1 and x.dtype == jnp.float32
+      and min(x.shape[-1], out_channels) >= WINOGRAD_MIN_CHANNELS):
+    return "winograd"
+  return "xla"
 
 
 def conv_im2col(x: jax.Array, kernel: jax.Array, padding: int = 1) -> jax.Array:
@@ -38,8 +53,8 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, padding: int = 1) -> jax.Array:
 
 class Conv2D(nn.Module):
   """A square convolution with `kernel` (k, k, Cin, Cout) and `bias` params, as `nn.Conv`
-  names and shapes them (so checkpoints convert the same), computed by im2col where that is
-  faster (see IM2COL_MAX_PIXELS)."""
+  names and shapes them (so checkpoints convert the same), computed as GEMMs where that is
+  faster (see `conv_algorithm`)."""
   features: int
   kernel_size: int
   stride: int = 1
@@ -54,13 +69,17 @@ class Conv2D(nn.Module):
                         (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if _as_matmul(x, k, self.stride):
+    algorithm = conv_algorithm(x, k, self.features, self.stride, self.padding)
+    if algorithm == "winograd":
+      y = conv3x3_winograd(x, kernel)
+    elif algorithm in ("matmul", "im2col"):
       y = conv_im2col(x, kernel, self.padding)
     else:
       pad = (self.padding, self.padding)
       y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), (pad, pad),
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + bias
+    # Named so that a remat policy can keep convolution outputs (autoencoder_kl.Encoder).
+    return checkpoint_name(y + bias, "conv_out")
 
 
 def conv(features: int, kernel: int, name: str, dtype, stride: int = 1, padding: int | None = None):

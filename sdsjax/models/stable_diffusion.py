@@ -65,8 +65,9 @@ class StableDiffusion:
     dtype: the compute and parameter dtype; the model functions return float32.
     folder: the diffusers-format folder the weights came from.
     configs: the raw configs, keyed "unet", "vae", "text_encoder", "scheduler".
-    remat_vae: whether the VAE recomputes its encoder blocks in the backward pass of
-      `encode_image` (less memory when differentiating through it at 512²).
+    remat_vae: whether the VAE encoder blocks are (partly) recomputed in the backward pass of
+      `encode_image` (less memory when differentiating through it at 512²; what is kept
+      depends on the backend, see autoencoder_kl.remat_policy).
   """
   unet: Any
   vae: Any
@@ -169,7 +170,7 @@ class StableDiffusion:
     return self.text_encoder.apply({"params": params}, input_ids).astype(jnp.float32)
 
   def _encode_impl(self, params, images):
-    # With remat_vae the module recomputes its encoder blocks in the backward pass.
+    # With remat_vae the module recomputes parts of its encoder blocks in the backward pass.
     mean, _ = self.vae.apply({"params": params}, (2.0 * images - 1.0).astype(self.dtype),
                              method=self.vae.encode)
     return (mean.astype(jnp.float32) - self.shift_factor) * self.scaling_factor
@@ -404,7 +405,8 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, dtype=jnp.float32,
       folder, or a Hugging Face Hub id such as `stabilityai/stable-diffusion-2-1-base` (read from
       the local cache first, then downloaded: configs, tokenizer and safetensors only).
     dtype: parameter and compute dtype (float32 or bfloat16); outputs are float32.
-    remat_vae: recompute the VAE encoder in the backward pass of `encode_image` (saves memory).
+    remat_vae: recompute (parts of) the VAE encoder in the backward pass of `encode_image`
+      (saves memory; autoencoder_kl.remat_policy).
 
   Returns:
     The bundle; see `StableDiffusion`.
