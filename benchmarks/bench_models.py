@@ -232,7 +232,8 @@ def main():
       jax_device=str(jax.devices()[0]), torch_device=str(device),
       torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
       machine=platform.processor() or platform.machine(), jax=jax.__version__,
-      torch=torch.__version__, malloc_keep_freed_memory=malloc_kept, xla_flags=os.environ.get("XLA_FLAGS", ""),
+      torch=torch.__version__, malloc_keep_freed_memory=malloc_kept,
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
       command=" ".join([os.path.basename(sys.executable)] + sys.argv), results=results)
   print(json.dumps(report, indent=1))
   print()

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -83,7 +83,8 @@ def _output_transform(m: jax.Array, b: int, h: int, w: int) -> jax.Array:
 
 
 def _kernel_transform(kernel: jax.Array) -> jax.Array:
-  """kernel (3, 3, Cin, Cout) -> U (36, Cin, Cout) = G g G_T, as one (36×9)·(9×Cin·Cout) GEMM."""
+  """kernel (3, 3, Cin, Cout) -> U (36, Cin, Cout) = G g G_T, as one (36×9)·(9×Cin·Cout)
+  GEMM."""
   _, _, cin, cout = kernel.shape
   g2 = jnp.asarray(np.kron(G, G), kernel.dtype)
   return (g2 @ kernel.reshape(9, cin * cout)).reshape(A * A, cin, cout)
