@@ -18,20 +18,34 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sdsjax import host_memory  # noqa: E402
+import jax
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from sdsjax import host_memory
+from sdsjax.models.resnet import Conv2D
+from sdsjax.models.resnet import conv_algorithm
 
-from sdsjax.models.resnet import Conv2D, conv_algorithm  # noqa: E402
-
-CONVS = [(2, 64, 320, 320, 3), (2, 32, 640, 640, 3), (2, 16, 1280, 1280, 3),
-         (2, 8, 1280, 1280, 3), (2, 64, 640, 320, 3), (2, 64, 320, 320, 1),     # UNet
-         (1, 512, 128, 128, 3), (1, 256, 256, 256, 3), (1, 128, 512, 512, 3),
-         (1, 64, 512, 512, 3), (1, 512, 3, 128, 3)]     # VAE; (batch, size, in, out, kernel)
-GEMMS = [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (2048, 640, 640),
-         (512, 1280, 1280)]                              # (M, K, N)
+CONVS = [
+  (2, 64, 320, 320, 3),
+  (2, 32, 640, 640, 3),
+  (2, 16, 1280, 1280, 3),
+  (2, 8, 1280, 1280, 3),
+  (2, 64, 640, 320, 3),
+  (2, 64, 320, 320, 1),  # UNet
+  (1, 512, 128, 128, 3),
+  (1, 256, 256, 256, 3),
+  (1, 128, 512, 512, 3),
+  (1, 64, 512, 512, 3),
+  (1, 512, 3, 128, 3),
+]  # VAE; (batch, size, in, out, kernel)
+GEMMS = [
+  (8192, 320, 320),
+  (8192, 320, 2560),
+  (8192, 1280, 320),
+  (2048, 640, 640),
+  (512, 1280, 1280),
+]  # (M, K, N)
 
 
 def best_time(fn, args, repeats: int) -> float:
@@ -54,26 +68,37 @@ def main() -> None:
   torch.set_num_threads(args.threads)
   rng = np.random.default_rng(0)
   rows = []
-  conv_jax = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  conv_jax = jax.jit(
+    lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  )
   for batch, size, cin, cout, k in CONVS:
     x = rng.standard_normal((batch, size, size, cin), np.float32)
     w = (0.02 * rng.standard_normal((k, k, cin, cout))).astype(np.float32)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
     with torch.no_grad():
-      t_torch = best_time(lambda a, b: torch.nn.functional.conv2d(a, b, padding=k // 2),
-                          (xt, wt), args.repeats)
+      t_torch = best_time(
+        lambda a, b: torch.nn.functional.conv2d(a, b, padding=k // 2), (xt, wt), args.repeats
+      )
     t_jax = best_time(lambda a, b: conv_jax(a, b).block_until_ready(), (x, w), args.repeats)
     conv = Conv2D(cout, k, padding=k // 2)
     params = {"params": {"kernel": w, "bias": np.zeros(cout, np.float32)}}
     conv_sdsjax = jax.jit(conv.apply)
-    t_sdsjax = best_time(lambda p, a: conv_sdsjax(p, a).block_until_ready(), (params, x),
-                         args.repeats)
-    rows.append({"op": f"conv{k}x{k} {batch}×{size}²×{cin}→{cout}",
-                 "gflop": 2 * batch * size ** 2 * cin * cout * k * k / 1e9,   # 2 per MAC
-                 "jax_ms": 1e3 * t_jax, "torch_ms": 1e3 * t_torch, "sdsjax_ms": 1e3 * t_sdsjax,
-                 "path": conv_algorithm(x, k, cout, 1, k // 2)})
+    t_sdsjax = best_time(
+      lambda p, a: conv_sdsjax(p, a).block_until_ready(), (params, x), args.repeats
+    )
+    rows.append(
+      {
+        "op": f"conv{k}x{k} {batch}×{size}²×{cin}→{cout}",
+        "gflop": 2 * batch * size**2 * cin * cout * k * k / 1e9,  # 2 per MAC
+        "jax_ms": 1e3 * t_jax,
+        "torch_ms": 1e3 * t_torch,
+        "sdsjax_ms": 1e3 * t_sdsjax,
+        "path": conv_algorithm(x, k, cout, 1, k // 2),
+      }
+    )
   matmul_jax = jax.jit(lambda a, b: a @ b)
   for m, kdim, n in GEMMS:
     a = rng.standard_normal((m, kdim), np.float32)
@@ -82,18 +107,35 @@ def main() -> None:
     with torch.no_grad():
       t_torch = best_time(torch.mm, (at, bt), args.repeats)
     t_jax = best_time(lambda p, q: matmul_jax(p, q).block_until_ready(), (a, b), args.repeats)
-    rows.append({"op": f"gemm {m}×{kdim}×{n}", "gflop": 2 * m * kdim * n / 1e9,
-                 "jax_ms": 1e3 * t_jax, "torch_ms": 1e3 * t_torch})
-  print(json.dumps({"device": jax.devices()[0].device_kind, "torch_threads": args.threads,
-                    "rows": rows}, indent=1))
-  print("\n| op | GFLOP | PyTorch ms | XLA ms | PyTorch / XLA | sdsjax path | sdsjax ms "
-        "| PyTorch / sdsjax |")
+    rows.append(
+      {
+        "op": f"gemm {m}×{kdim}×{n}",
+        "gflop": 2 * m * kdim * n / 1e9,
+        "jax_ms": 1e3 * t_jax,
+        "torch_ms": 1e3 * t_torch,
+      }
+    )
+  print(
+    json.dumps(
+      {"device": jax.devices()[0].device_kind, "torch_threads": args.threads, "rows": rows},
+      indent=1,
+    )
+  )
+  print(
+    "\n| op | GFLOP | PyTorch ms | XLA ms | PyTorch / XLA | sdsjax path | sdsjax ms "
+    "| PyTorch / sdsjax |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    ours = (f"{r['path']} | {r['sdsjax_ms']:.1f} | {r['torch_ms'] / r['sdsjax_ms']:.2f}"
-            if "path" in r else "| |")
-    print(f"| {r['op']} | {r['gflop']:.2f} | {r['torch_ms']:.1f} | {r['jax_ms']:.1f} | "
-          f"{r['torch_ms'] / r['jax_ms']:.2f} | {ours} |")
+    ours = (
+      f"{r['path']} | {r['sdsjax_ms']:.1f} | {r['torch_ms'] / r['sdsjax_ms']:.2f}"
+      if "path" in r
+      else "| |"
+    )
+    print(
+      f"| {r['op']} | {r['gflop']:.2f} | {r['torch_ms']:.1f} | {r['jax_ms']:.1f} | "
+      f"{r['torch_ms'] / r['jax_ms']:.2f} | {ours} |"
+    )
 
 
 if __name__ == "__main__":

@@ -79,9 +79,11 @@ def run_worker(size: int, views: int, repeats: int, texture_size: int) -> dict:
 
   def loss(v, tex):
     def one(cam, light):
-      out = shading.render_soft(v, faces, cam, light, settings, texture=tex, uvs=model.uvs,
-                                uv_faces=model.uv_faces)
+      out = shading.render_soft(
+        v, faces, cam, light, settings, texture=tex, uvs=model.uvs, uv_faces=model.uv_faces
+      )
       return jnp.sum(out.rgb), out.overflow
+
     sums, overflow = jax.vmap(one)(cam_batch, lights)
     return jnp.sum(sums), jnp.sum(overflow)
 
@@ -128,25 +130,25 @@ def run_worker(size: int, views: int, repeats: int, texture_size: int) -> dict:
   grad_ok = all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
   times.sort()
   return {
-      "size": size,
-      "views": views,
-      "faces": int(faces.shape[0]),
-      "vertices": int(verts.shape[0]),
-      "texture": texture_size,
-      "K": settings.faces_per_pixel,
-      "bin_size": settings.resolved_bin_size(),
-      "max_faces_per_bin": settings.resolved_max_faces_per_bin(int(faces.shape[0])),
-      "overflow": overflow,
-      "compile_s": round(compile_s, 2),
-      "step_ms_median": round(1e3 * times[len(times) // 2], 1),
-      "step_ms_min": round(1e3 * times[0], 1),
-      "peak_mb": round(peak_mb, 1),
-      "peak_method": peak_method,
-      "xla_temp_mb": None if xla_temp_mb is None else round(xla_temp_mb, 1),
-      "grads_finite": grad_ok,
-      "loss": value,
-      "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
-      "jax": jax.__version__,
+    "size": size,
+    "views": views,
+    "faces": int(faces.shape[0]),
+    "vertices": int(verts.shape[0]),
+    "texture": texture_size,
+    "K": settings.faces_per_pixel,
+    "bin_size": settings.resolved_bin_size(),
+    "max_faces_per_bin": settings.resolved_max_faces_per_bin(int(faces.shape[0])),
+    "overflow": overflow,
+    "compile_s": round(compile_s, 2),
+    "step_ms_median": round(1e3 * times[len(times) // 2], 1),
+    "step_ms_min": round(1e3 * times[0], 1),
+    "peak_mb": round(peak_mb, 1),
+    "peak_method": peak_method,
+    "xla_temp_mb": None if xla_temp_mb is None else round(xla_temp_mb, 1),
+    "grads_finite": grad_ok,
+    "loss": value,
+    "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+    "jax": jax.__version__,
   }
 
 
@@ -165,26 +167,40 @@ def main() -> None:
 
   results = []
   for size in args.sizes:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(size),
-           "--views", str(args.views), "--repeats", str(args.repeats),
-           "--texture-size", str(args.texture_size)]
+    cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      "--worker",
+      str(size),
+      "--views",
+      str(args.views),
+      "--repeats",
+      str(args.repeats),
+      "--texture-size",
+      str(args.texture_size),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
       print(proc.stderr, file=sys.stderr)
       raise SystemExit(f"benchmark worker for size {size} failed")
     results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
-  print(json.dumps({"host": platform.node(), "cpu_count": os.cpu_count(),
-                    "results": results}, indent=1))
+  print(
+    json.dumps({"host": platform.node(), "cpu_count": os.cpu_count(), "results": results}, indent=1)
+  )
   print()
-  print("| size | views | faces | K | bin | C | compile (s) | fwd+bwd median (ms) | "
-        "min (ms) | peak mem (MB) | XLA temp (MB) | overflow | device |")
+  print(
+    "| size | views | faces | K | bin | C | compile (s) | fwd+bwd median (ms) | "
+    "min (ms) | peak mem (MB) | XLA temp (MB) | overflow | device |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in results:
-    print(f"| {r['size']}² | {r['views']} | {r['faces']} | {r['K']} | {r['bin_size']} | "
-          f"{r['max_faces_per_bin']} | {r['compile_s']} | {r['step_ms_median']} | "
-          f"{r['step_ms_min']} | {r['peak_mb']} | {r['xla_temp_mb']} | {r['overflow']} | "
-          f"{r['device']} |")
+    print(
+      f"| {r['size']}² | {r['views']} | {r['faces']} | {r['K']} | {r['bin_size']} | "
+      f"{r['max_faces_per_bin']} | {r['compile_s']} | {r['step_ms_median']} | "
+      f"{r['step_ms_min']} | {r['peak_mb']} | {r['xla_temp_mb']} | {r['overflow']} | "
+      f"{r['device']} |"
+    )
 
 
 if __name__ == "__main__":

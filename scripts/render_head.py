@@ -24,9 +24,15 @@ from sdsjax import shading
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "distance", "fov_deg", "elevation_deg"))
-def render_views(head: morphable.MorphableModel, weights: jax.Array, azimuths: jax.Array,
-                 settings: raster.RasterSettings, distance: float, fov_deg: float,
-                 elevation_deg: float) -> jax.Array:
+def render_views(
+  head: morphable.MorphableModel,
+  weights: jax.Array,
+  azimuths: jax.Array,
+  settings: raster.RasterSettings,
+  distance: float,
+  fov_deg: float,
+  elevation_deg: float,
+) -> jax.Array:
   """(N, S, S, 3) renders of one weight vector (K,) at N azimuths (degrees)."""
   verts = morphable.vertices(head, weights)
 
@@ -36,8 +42,8 @@ def render_views(head: morphable.MorphableModel, weights: jax.Array, azimuths: j
     eye_dir = cam.eye / jnp.linalg.norm(cam.eye)
     right = jnp.cross(eye_dir, jnp.array([0.0, 1.0, 0.0]))
     light = camera_lib.default_light(
-        direction=eye_dir + 0.6 * jnp.array([0.0, 1.0, 0.0]) - 0.4 * right,
-        ambient=0.25, diffuse=0.75)
+      direction=eye_dir + 0.6 * jnp.array([0.0, 1.0, 0.0]) - 0.4 * right, ambient=0.25, diffuse=0.75
+    )
     return shading.render_soft(verts, head.faces, cam, light, settings).rgb
 
   return jax.lax.map(one, azimuths)
@@ -60,12 +66,15 @@ def main():
   head = morphable.load_model(args.model, args.num_components)
   k = head.num_components
   weights = [jnp.zeros(k)] + [
-      args.scale * jax.random.normal(jax.random.PRNGKey(seed), (k,)) for seed in range(args.seeds)]
+    args.scale * jax.random.normal(jax.random.PRNGKey(seed), (k,)) for seed in range(args.seeds)
+  ]
   azimuths = jnp.arange(args.views, dtype=jnp.float32) * (360.0 / args.views)
   pixel = 2.0 / args.size
   settings = raster.RasterSettings(image_size=args.size, sigma=0.5 * pixel * pixel)
-  rows = [np.asarray(render_views(head, w, azimuths, settings, args.distance, args.fov,
-                                  args.elevation)) for w in weights]
+  rows = [
+    np.asarray(render_views(head, w, azimuths, settings, args.distance, args.fov, args.elevation))
+    for w in weights
+  ]
   grid = export.image_grid(np.concatenate(rows, 0), columns=args.views)
   export.write_png(args.out, grid)
   print(f"wrote {args.out}: {len(rows)} rows × {args.views} views at {args.size}²")

@@ -40,6 +40,7 @@ class Camera:
     focal: () `1 / tan(fov_y / 2)`; NDC x = focal * x_v / −z_v.
     eye: (3,) camera centre in world coordinates.
   """
+
   world_to_view: Array
   focal: Array
   eye: Array
@@ -58,6 +59,7 @@ class Light:
     textureless: () 1.0 renders with the constant grey albedo instead of the texture
       (DreamFusion's "textureless" renders), 0.0 uses the texture; values between blend.
   """
+
   direction: Array
   ambient: Array
   diffuse: Array
@@ -77,6 +79,7 @@ class CameraRanges:
   0.8–1.15 (`focal * r / sqrt(d² − r²)`), so a head (whose half-height is smaller than its
   bounding radius) fills most of the frame without being cropped.
   """
+
   azimuth_spread: float = 70.0
   back_view_prob: float = 0.2
   elevation_range: tuple[float, float] = (-10.0, 45.0)
@@ -110,8 +113,9 @@ def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0), fov_deg=40.0) -> Ca
   z_axis = _normalize(eye - target)  # the camera looks down −z
   x_raw = jnp.cross(up, z_axis)
   # Overhead views: fall back to an up vector that is not parallel to the view direction.
-  fallback_up = jnp.where(z_axis[1] > 0, jnp.array([0.0, 0.0, -1.0], dtype),
-                          jnp.array([0.0, 0.0, 1.0], dtype))
+  fallback_up = jnp.where(
+    z_axis[1] > 0, jnp.array([0.0, 0.0, -1.0], dtype), jnp.array([0.0, 0.0, 1.0], dtype)
+  )
   degenerate = jnp.sum(x_raw * x_raw) < 1e-12
   x_raw = jnp.where(degenerate, jnp.cross(fallback_up, z_axis), x_raw)
   x_axis = _normalize(x_raw)
@@ -129,7 +133,8 @@ def orbit_position(azimuth_deg, elevation_deg, distance) -> Array:
   az = jnp.deg2rad(jnp.asarray(azimuth_deg, jnp.result_type(float)))
   el = jnp.deg2rad(jnp.asarray(elevation_deg, az.dtype))
   return jnp.asarray(distance, az.dtype) * jnp.stack(
-      [jnp.cos(el) * jnp.sin(az), jnp.sin(el), jnp.cos(el) * jnp.cos(az)])
+    [jnp.cos(el) * jnp.sin(az), jnp.sin(el), jnp.cos(el) * jnp.cos(az)]
+  )
 
 
 def orbit_camera(azimuth_deg, elevation_deg, distance, fov_deg=40.0) -> Camera:
@@ -168,8 +173,7 @@ def pixel_centers(image_size: int, dtype=jnp.float32) -> Array:
   return jnp.stack([x, y], axis=-1)
 
 
-def sample_camera(key: Array, ranges: CameraRanges = CameraRanges()
-                  ) -> tuple[Camera, Array, Array]:
+def sample_camera(key: Array, ranges: CameraRanges = CameraRanges()) -> tuple[Camera, Array, Array]:
   """Draws a random orbit camera.
 
   Args:
@@ -188,16 +192,25 @@ def sample_camera(key: Array, ranges: CameraRanges = CameraRanges()
   uniform = jax.random.uniform(k_uniform, minval=-180.0, maxval=180.0)
   take_uniform = jax.random.uniform(k_mix) < ranges.back_view_prob
   azimuth = wrap_azimuth(jnp.where(take_uniform, uniform, face_biased))
-  elevation = jax.random.uniform(k_el, minval=ranges.elevation_range[0],
-                                 maxval=ranges.elevation_range[1])
-  distance = jax.random.uniform(k_dist, minval=ranges.distance_range[0],
-                                maxval=ranges.distance_range[1])
+  elevation = jax.random.uniform(
+    k_el, minval=ranges.elevation_range[0], maxval=ranges.elevation_range[1]
+  )
+  distance = jax.random.uniform(
+    k_dist, minval=ranges.distance_range[0], maxval=ranges.distance_range[1]
+  )
   fov = jax.random.uniform(k_fov, minval=ranges.fov_range[0], maxval=ranges.fov_range[1])
   return orbit_camera(azimuth, elevation, distance, fov), azimuth, elevation
 
 
-def sample_light(key: Array, camera: Camera, ambient=0.3, diffuse=0.7, shading_prob=1.0,
-                 textureless_prob=0.0, position_std=1.0) -> Light:
+def sample_light(
+  key: Array,
+  camera: Camera,
+  ambient=0.3,
+  diffuse=0.7,
+  shading_prob=1.0,
+  textureless_prob=0.0,
+  position_std=1.0,
+) -> Light:
   """Draws a DreamFusion-style random light.
 
   The light position is drawn from N(camera eye, position_std² I) and the light shines from
@@ -229,21 +242,25 @@ def sample_light(key: Array, camera: Camera, ambient=0.3, diffuse=0.7, shading_p
   textureless = jnp.logical_and(shaded, jax.random.uniform(k_tex) < textureless_prob)
   dtype = eye.dtype
   return Light(
-      direction=direction,
-      ambient=jnp.where(shaded, jnp.asarray(ambient, dtype), 1.0).astype(dtype),
-      diffuse=jnp.where(shaded, jnp.asarray(diffuse, dtype), 0.0).astype(dtype),
-      textureless=textureless.astype(dtype))
+    direction=direction,
+    ambient=jnp.where(shaded, jnp.asarray(ambient, dtype), 1.0).astype(dtype),
+    diffuse=jnp.where(shaded, jnp.asarray(diffuse, dtype), 0.0).astype(dtype),
+    textureless=textureless.astype(dtype),
+  )
 
 
-def default_light(camera: Camera | None = None, direction=None, ambient=0.3,
-                  diffuse=0.7) -> Light:
+def default_light(camera: Camera | None = None, direction=None, ambient=0.3, diffuse=0.7) -> Light:
   """A fixed light: from `direction`, else from the camera eye (head-on light), else +z."""
   if direction is None:
     direction = camera.eye if camera is not None else jnp.array([0.0, 0.0, 1.0])
   direction = _normalize(jnp.asarray(direction, jnp.result_type(float)))
   dtype = direction.dtype
-  return Light(direction=direction, ambient=jnp.asarray(ambient, dtype),
-               diffuse=jnp.asarray(diffuse, dtype), textureless=jnp.zeros((), dtype))
+  return Light(
+    direction=direction,
+    ambient=jnp.asarray(ambient, dtype),
+    diffuse=jnp.asarray(diffuse, dtype),
+    textureless=jnp.zeros((), dtype),
+  )
 
 
 def wrap_azimuth(azimuth_deg) -> Array:

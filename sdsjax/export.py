@@ -32,7 +32,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
   try:
     with os.fdopen(fd, mode) as f:
       yield f
-    os.chmod(tmp, _default_mode())   # mkstemp makes 0600 files; outputs should be shareable
+    os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files; outputs should be shareable
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -59,7 +59,7 @@ def image_grid(images, columns: int) -> np.ndarray:
   grid = np.ones((rows * h, columns * w, c), images.dtype)
   for i, image in enumerate(images):
     r, col = divmod(i, columns)
-    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
   return grid
 
 
@@ -67,8 +67,9 @@ def write_gif(path, frames, duration_ms: int = 100) -> None:
   """Writes (N, H, W, 3) frames in [0, 1] as a looping GIF."""
   pictures = [Image.fromarray(f) for f in to_uint8(frames)]
   with atomic_write(path) as f:
-    pictures[0].save(f, format="GIF", save_all=True, append_images=pictures[1:],
-                     duration=duration_ms, loop=0)
+    pictures[0].save(
+      f, format="GIF", save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0
+    )
 
 
 def write_obj(path, vertices, faces, uvs=None, uv_faces=None, texture=None) -> None:
@@ -104,6 +105,7 @@ def write_obj(path, vertices, faces, uvs=None, uv_faces=None, texture=None) -> N
 def write_glb(path, vertices, faces, uvs=None, uv_faces=None, texture=None) -> None:
   """Writes a binary glTF. UV seams are split into separate vertices, as glTF requires."""
   import trimesh  # Heavy import, only needed here.
+
   vertices = np.asarray(vertices, np.float32)
   faces = np.asarray(faces, np.int64)
   if uvs is not None and texture is not None:
@@ -112,10 +114,13 @@ def write_glb(path, vertices, faces, uvs=None, uv_faces=None, texture=None) -> N
     corners = np.stack([faces.reshape(-1), uv_faces.reshape(-1)], -1)
     unique, inverse = np.unique(corners, axis=0, return_inverse=True)
     mesh = trimesh.Trimesh(
-        vertices=vertices[unique[:, 0]], faces=inverse.reshape(-1, 3), process=False,
-        visual=trimesh.visual.TextureVisuals(
-            uv=np.asarray(uvs, np.float32)[unique[:, 1]],
-            image=Image.fromarray(to_uint8(texture))))
+      vertices=vertices[unique[:, 0]],
+      faces=inverse.reshape(-1, 3),
+      process=False,
+      visual=trimesh.visual.TextureVisuals(
+        uv=np.asarray(uvs, np.float32)[unique[:, 1]], image=Image.fromarray(to_uint8(texture))
+      ),
+    )
   else:
     mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
   data = mesh.export(file_type="glb")

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 from sdsjax import host_memory
-from sdsjax.errors import ConfigError, SdsjaxError
+from sdsjax.errors import ConfigError
+from sdsjax.errors import SdsjaxError
 
 RUN_SPEC = "run_spec.json"
 
@@ -36,10 +35,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(
-      prog="python -m sdsjax.fit",
-      description="Fit a 3D morphable head to text prompts with Score Distillation Sampling.",
-      epilog="Any config field can be overridden as KEY=VALUE (e.g. guidance_scale=50, "
-             "raster.sigma=1e-5). See configs/default.yaml for the fields.")
+    prog="python -m sdsjax.fit",
+    description="Fit a 3D morphable head to text prompts with Score Distillation Sampling.",
+    epilog="Any config field can be overridden as KEY=VALUE (e.g. guidance_scale=50, "
+    "raster.sigma=1e-5). See configs/default.yaml for the fields.",
+  )
   p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
   p.add_argument("--prompts-file", help="a text file with one prompt per line")
   p.add_argument("--config", help="a YAML config, e.g. configs/default.yaml")
@@ -51,11 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--resume", action="store_true", help="continue the run in --out")
   p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() first (multi-host TPU pods, GPU clusters); "
-                      "on TPU pods the flags below are detected automatically")
+  p.add_argument(
+    "--distributed",
+    action="store_true",
+    help="call jax.distributed.initialize() first (multi-host TPU pods, GPU clusters); "
+    "on TPU pods the flags below are detected automatically",
+  )
   p.add_argument("--coordinator-address", help="HOST:PORT of process 0 (implies --distributed)")
-  p.add_argument("--num-processes", type=int, help="number of processes (with --coordinator-address)")
+  p.add_argument(
+    "--num-processes", type=int, help="number of processes (with --coordinator-address)"
+  )
   p.add_argument("--process-id", type=int, help="this process's index (with --coordinator-address)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -66,8 +71,9 @@ def parse_args(argv):
   """argparse plus `--key=value` / `--key value` overrides of config fields."""
   parser = build_parser()
   known = {flag for action in parser._actions for flag in action.option_strings}
-  takes_value = {flag for action in parser._actions for flag in action.option_strings
-                 if action.nargs != 0}
+  takes_value = {
+    flag for action in parser._actions for flag in action.option_strings if action.nargs != 0
+  }
   # Unknown --key [=] value pairs become KEY=VALUE overrides before argparse sees them.
   rewritten, i = [], 0
   while i < len(argv):
@@ -84,7 +90,7 @@ def parse_args(argv):
     else:
       rewritten.append(token)
       if token in takes_value and i + 1 < len(argv):
-        rewritten.append(argv[i + 1])   # a flag's value is never an override
+        rewritten.append(argv[i + 1])  # a flag's value is never an override
         i += 1
     i += 1
   args = parser.parse_intermixed_args(rewritten)
@@ -103,8 +109,11 @@ def read_prompts(args) -> list[str]:
       text = Path(args.prompts_file).read_text()
     except OSError as e:
       raise ConfigError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from None
-    prompts += [line.strip() for line in text.splitlines()
-                if line.strip() and not line.lstrip().startswith("#")]
+    prompts += [
+      line.strip()
+      for line in text.splitlines()
+      if line.strip() and not line.lstrip().startswith("#")
+    ]
   if not prompts:
     raise ConfigError("no prompt given: pass --prompt TEXT (repeatable) or --prompts-file FILE")
   for p in prompts:
@@ -126,8 +135,10 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
   if resume and not (out / "checkpoints" / RUN_SPEC).exists():
     raise ConfigError(f"--resume: no run to resume in {out} (no checkpoints/{RUN_SPEC})")
   if has_run and not resume and not overwrite:
-    raise ConfigError(f"--out {out} already holds a run: pass --resume to continue it, "
-                      "--overwrite to replace it, or choose another folder")
+    raise ConfigError(
+      f"--out {out} already holds a run: pass --resume to continue it, "
+      "--overwrite to replace it, or choose another folder"
+    )
 
 
 def main(argv=None) -> int:
@@ -154,8 +165,9 @@ def run(argv) -> int:
     given = read_prompts(args) if (args.prompt or args.prompts_file) else spec["prompts"]
     cfg = config_lib.load_config(None, [spec["config"]])
     if given != spec["prompts"]:
-      raise ConfigError("--resume: the prompts differ from the run being resumed; "
-                        "omit them or pass the same ones")
+      raise ConfigError(
+        "--resume: the prompts differ from the run being resumed; omit them or pass the same ones"
+      )
     if args.config or overrides:
       requested = config_lib.load_config(args.config, [spec["config"], *overrides])
       if config_lib.to_dict(requested) != spec["config"]:
@@ -169,11 +181,17 @@ def run(argv) -> int:
   host_memory.keep_freed_memory()
   if args.distributed or args.coordinator_address:
     import jax
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes, process_id=args.process_id)
+
+    jax.distributed.initialize(
+      coordinator_address=args.coordinator_address,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+    )
   from sdsjax import fit_run
-  return fit_run.fit(cfg, prompts, out, resume=args.resume, overwrite=args.overwrite,
-                     progress=not args.no_progress)
+
+  return fit_run.fit(
+    cfg, prompts, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+  )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,10 @@ from sdsjax import config as config_lib
 from sdsjax import export
 from sdsjax import fit_step
 from sdsjax import morphable
-from sdsjax import shading
 from sdsjax.config import FitConfig
-from sdsjax.errors import ConfigError
 
 PREVIEW_AZIMUTHS = tuple(float(a) for a in np.arange(8) * 45.0)
-EVOLUTION_VIEW = (25.0, 10.0)   # azimuth, elevation of the evolution GIF's camera
+EVOLUTION_VIEW = (25.0, 10.0)  # azimuth, elevation of the evolution GIF's camera
 
 
 def view_prompts(prompt: str, negative: str, with_views: bool) -> list[str]:
@@ -63,13 +61,15 @@ def make_preview_renderer(cfg: FitConfig, head: morphable.MorphableModel):
     cam = camera_lib.orbit_camera(azimuth, elevation, distance, fov)
     # Key light from the camera's upper left: a head-on light flattens the face.
     key_light = cam.world_to_view[:3, :3].T @ jnp.array([-0.45, 0.5, 1.0])
-    light = camera_lib.default_light(direction=key_light, ambient=cfg.light.ambient,
-                                     diffuse=cfg.light.diffuse)
+    light = camera_lib.default_light(
+      direction=key_light, ambient=cfg.light.ambient, diffuse=cfg.light.diffuse
+    )
     params = {"weights": weights}
     view = fit_step.View(camera=cam, light=light, azimuth=azimuth, elevation=elevation)
     if texture is not None:
       params["texture_logits"] = jnp.log(texture / (1.0 - texture))
     return fit_step.render_view(head, params, view, settings)[0]
+
   return render
 
 
@@ -88,8 +88,8 @@ class History:
 
   def __init__(self):
     self.steps: list[int] = []
-    self.weights: list[np.ndarray] = []     # each (P, K)
-    self.textures: list[np.ndarray] = []    # each (P, Ht, Wt, 3) uint8
+    self.weights: list[np.ndarray] = []  # each (P, K)
+    self.textures: list[np.ndarray] = []  # each (P, Ht, Wt, 3) uint8
 
   def add(self, step: int, params: dict) -> None:
     self.steps.append(step)
@@ -106,7 +106,7 @@ class History:
       np.savez(f, **arrays)
 
   @classmethod
-  def load(cls, path: Path, up_to_step: int) -> "History":
+  def load(cls, path: Path, up_to_step: int) -> History:
     h = cls()
     if path.exists():
       with np.load(path) as data:
@@ -118,17 +118,26 @@ class History:
     return h
 
 
-def fit(cfg: FitConfig, prompts: list[str], out: Path, resume: bool = False,
-        overwrite: bool = False, progress: bool = True) -> int:
+def fit(
+  cfg: FitConfig,
+  prompts: list[str],
+  out: Path,
+  resume: bool = False,
+  overwrite: bool = False,
+  progress: bool = True,
+) -> int:
   import orbax.checkpoint as ocp
   from jax.experimental import multihost_utils
+
   from sdsjax.models.stable_diffusion import load_stable_diffusion
 
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   # Everything that can fail on user input is loaded before --out is touched.
   head = morphable.load_model(cfg.head, cfg.num_components)
-  sd = load_stable_diffusion(cfg.model, dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
+  sd = load_stable_diffusion(
+    cfg.model, dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+  )
   embeddings = embedding_table(sd.encode_text, prompts, cfg)
   timings["load_s"] = time.perf_counter() - t0
   is_writer = jax.process_index() == 0
@@ -161,18 +170,23 @@ def fit(cfg: FitConfig, prompts: list[str], out: Path, resume: bool = False,
   emb = global_array(embeddings[order], split)
   host_state = fit_step.batch_states([fit_step.init_state(cfg, head.basis.shape[0])] * padded)
   state = jax.tree.map(lambda x: global_array(x, split), host_state)
-  frozen = fit_step.Frozen(vae_params=sd.params["vae"], unet_params=sd.params["unet"],
-                           alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32))
+  frozen = fit_step.Frozen(
+    vae_params=sd.params["vae"],
+    unet_params=sd.params["unet"],
+    alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32),
+  )
   frozen = jax.tree.map(lambda x: global_array(x, replicated), frozen)
 
   manager = ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+  )
   history_path = ckpt_dir / "history.npz"
   start = 0
   if resume and manager.latest_step() is not None:
     start = manager.latest_step()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
     state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
     history = History.load(history_path, start)
   else:
@@ -191,7 +205,8 @@ def fit(cfg: FitConfig, prompts: list[str], out: Path, resume: bool = False,
       metric_files.append(path.open("a"))
 
   step_fn = fit_step.make_batched_step(
-      fit_step.make_fit_step(cfg, head, sd.encode_image, sd.predict_noise), mesh)
+    fit_step.make_fit_step(cfg, head, sd.encode_image, sd.predict_noise), mesh
+  )
   t_compile = time.perf_counter()
   compiled = step_fn.lower(state, keys, emb, frozen).compile()
   timings["compile_s"] = time.perf_counter() - t_compile
@@ -201,9 +216,14 @@ def fit(cfg: FitConfig, prompts: list[str], out: Path, resume: bool = False,
 
   if start == 0:
     history.add(0, host(state.params))
-  bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and is_writer),
-             desc=f"fitting {num_prompts} prompt{'s' * (num_prompts > 1)}", unit="step",
-             dynamic_ncols=True)
+  bar = tqdm(
+    total=cfg.steps,
+    initial=start,
+    disable=not (progress and is_writer),
+    desc=f"fitting {num_prompts} prompt{'s' * (num_prompts > 1)}",
+    unit="step",
+    dynamic_ncols=True,
+  )
   t_fit = time.perf_counter()
   skipped_total = 0
   for step in range(start, cfg.steps):
@@ -241,15 +261,20 @@ def fit(cfg: FitConfig, prompts: list[str], out: Path, resume: bool = False,
   if is_writer:
     t_export = time.perf_counter()
     render = make_preview_renderer(cfg, head)
-    for i, (prompt, slug) in enumerate(zip(prompts, slugs)):
+    for i, (_prompt, slug) in enumerate(zip(prompts, slugs)):
       export_prompt(out / slug, head, render, final, history, i)
     timings["export_s"] = time.perf_counter() - t_export
     run_info = {
-        "prompts": prompts, "slugs": slugs, "seeds": seeds[:num_prompts],
-        "config": config_lib.to_dict(cfg), "timings": timings,
-        "skipped_steps": [int(s) for s in final.skipped[:num_prompts]],
-        "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-        "jax_version": jax.__version__, "resumed_from_step": start,
+      "prompts": prompts,
+      "slugs": slugs,
+      "seeds": seeds[:num_prompts],
+      "config": config_lib.to_dict(cfg),
+      "timings": timings,
+      "skipped_steps": [int(s) for s in final.skipped[:num_prompts]],
+      "devices": [str(d) for d in jax.devices()],
+      "process_count": jax.process_count(),
+      "jax_version": jax.__version__,
+      "resumed_from_step": start,
     }
     with export.atomic_write(out / "run.json", "w") as f:
       json.dump(run_info, f, indent=2)
@@ -270,8 +295,9 @@ def export_prompt(folder: Path, head, render, final, history: History, i: int) -
   export.write_obj(folder / "head.obj", verts, head.faces, head.uvs, head.uv_faces, texture)
   export.write_glb(folder / "head.glb", verts, head.faces, head.uvs, head.uv_faces, texture)
   tex = None if texture is None else jnp.asarray(np.clip(texture, 1e-4, 1 - 1e-4))
-  views = [render(jnp.asarray(weights), tex, jnp.float32(a), jnp.float32(0.0))
-           for a in PREVIEW_AZIMUTHS]
+  views = [
+    render(jnp.asarray(weights), tex, jnp.float32(a), jnp.float32(0.0)) for a in PREVIEW_AZIMUTHS
+  ]
   export.write_png(folder / "turntable.png", export.image_grid(np.stack(views), columns=4))
   frames = []
   for k, w in enumerate(history.weights):

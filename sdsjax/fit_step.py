@@ -13,7 +13,8 @@ constants baked into the compiled program.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import chex
 import jax
@@ -24,8 +25,8 @@ from flax import struct
 
 from sdsjax import camera as camera_lib
 from sdsjax import morphable
-from sdsjax import sds
 from sdsjax import raster
+from sdsjax import sds
 from sdsjax import shading
 from sdsjax.config import FitConfig
 
@@ -40,18 +41,20 @@ NUM_EMBEDDING_ROWS = 1 + len(camera_lib.VIEW_SUFFIXES)
 @struct.dataclass
 class FitState:
   """One prompt's optimisation state. Batched over prompts, every leaf gains a leading (P,)."""
-  step: jax.Array        # () int32
-  params: dict           # {"weights": (K,), optional "texture_logits": (Ht, Wt, 3)}
+
+  step: jax.Array  # () int32
+  params: dict  # {"weights": (K,), optional "texture_logits": (Ht, Wt, 3)}
   opt_state: Any
-  skipped: jax.Array     # () int32: steps whose gradient was not finite, so not applied
+  skipped: jax.Array  # () int32: steps whose gradient was not finite, so not applied
 
 
 @struct.dataclass
 class Frozen:
   """What the step reads but never changes; replicated over devices."""
+
   vae_params: Any
   unet_params: Any
-  alphas_cumprod: jax.Array   # (T,)
+  alphas_cumprod: jax.Array  # (T,)
 
 
 def texture_from_logits(logits):
@@ -63,7 +66,7 @@ def texture_smoothness(texture):
   """Mean squared difference between neighbouring texels of (Ht, Wt, 3): a Laplacian prior."""
   dy = texture[1:] - texture[:-1]
   dx = texture[:, 1:] - texture[:, :-1]
-  return jnp.mean(dy ** 2) + jnp.mean(dx ** 2)
+  return jnp.mean(dy**2) + jnp.mean(dx**2)
 
 
 def make_optimizer(cfg: FitConfig) -> optax.GradientTransformation:
@@ -76,19 +79,20 @@ def make_optimizer(cfg: FitConfig) -> optax.GradientTransformation:
   else:
     lr = cfg.lr
   shape_opt = optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
-      optax.add_decayed_weights(cfg.weight_decay),
-      optax.adam(lr, b1=cfg.adam_b1, b2=cfg.adam_b2),
+    optax.clip_by_global_norm(cfg.grad_clip),
+    optax.add_decayed_weights(cfg.weight_decay),
+    optax.adam(lr, b1=cfg.adam_b1, b2=cfg.adam_b2),
   )
   if not cfg.texture:
     return optax.multi_transform({"shape": shape_opt}, {"weights": "shape"})
   texture_lr = lambda count: jnp.where(count < cfg.texture_start_step, 0.0, cfg.texture_lr)
   texture_opt = optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adam(texture_lr, b1=cfg.adam_b1, b2=cfg.adam_b2),
+    optax.clip_by_global_norm(cfg.grad_clip),
+    optax.adam(texture_lr, b1=cfg.adam_b1, b2=cfg.adam_b2),
   )
-  return optax.multi_transform({"shape": shape_opt, "texture": texture_opt},
-                               {"weights": "shape", "texture_logits": "texture"})
+  return optax.multi_transform(
+    {"shape": shape_opt, "texture": texture_opt}, {"weights": "shape", "texture_logits": "texture"}
+  )
 
 
 def init_params(cfg: FitConfig, num_components: int) -> dict:
@@ -98,15 +102,19 @@ def init_params(cfg: FitConfig, num_components: int) -> dict:
     skin = jnp.array([0.78, 0.62, 0.52], jnp.float32)
     logit = jnp.log(skin / (1.0 - skin))
     params["texture_logits"] = jnp.broadcast_to(
-        logit, (cfg.texture_resolution, cfg.texture_resolution, 3)).astype(jnp.float32)
+      logit, (cfg.texture_resolution, cfg.texture_resolution, 3)
+    ).astype(jnp.float32)
   return params
 
 
 def init_state(cfg: FitConfig, num_components: int) -> FitState:
   params = init_params(cfg, num_components)
-  return FitState(step=jnp.zeros((), jnp.int32), params=params,
-                  opt_state=make_optimizer(cfg).init(params),
-                  skipped=jnp.zeros((), jnp.int32))
+  return FitState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=make_optimizer(cfg).init(params),
+    skipped=jnp.zeros((), jnp.int32),
+  )
 
 
 def camera_ranges(cfg: FitConfig) -> camera_lib.CameraRanges:
@@ -114,18 +122,22 @@ def camera_ranges(cfg: FitConfig) -> camera_lib.CameraRanges:
 
 
 def raster_settings(cfg: FitConfig, resolution: int) -> raster.RasterSettings:
-  return raster.RasterSettings(image_size=resolution, sigma=cfg.raster.sigma,
-                                gamma=cfg.raster.gamma,
-                                faces_per_pixel=cfg.raster.faces_per_pixel)
+  return raster.RasterSettings(
+    image_size=resolution,
+    sigma=cfg.raster.sigma,
+    gamma=cfg.raster.gamma,
+    faces_per_pixel=cfg.raster.faces_per_pixel,
+  )
 
 
 @struct.dataclass
 class View:
   """One random view: camera and light (the light carries the shading mode)."""
+
   camera: camera_lib.Camera
   light: camera_lib.Light
-  azimuth: jax.Array     # () degrees
-  elevation: jax.Array   # () degrees
+  azimuth: jax.Array  # () degrees
+  elevation: jax.Array  # () degrees
 
 
 def sample_view(key, step, cfg: FitConfig) -> View:
@@ -138,37 +150,55 @@ def sample_view(key, step, cfg: FitConfig) -> View:
   cam, azimuth, elevation = camera_lib.sample_camera(k_cam, camera_ranges(cfg))
   if cfg.texture:
     light = camera_lib.sample_light(
-        k_light, cam, ambient=cfg.light.ambient, diffuse=cfg.light.diffuse,
-        shading_prob=cfg.light.shading_prob, textureless_prob=cfg.light.textureless_prob)
+      k_light,
+      cam,
+      ambient=cfg.light.ambient,
+      diffuse=cfg.light.diffuse,
+      shading_prob=cfg.light.shading_prob,
+      textureless_prob=cfg.light.textureless_prob,
+    )
     early = step < cfg.light.ambient_only_steps
-    light = light.replace(ambient=jnp.where(early, 1.0, light.ambient),
-                          diffuse=jnp.where(early, 0.0, light.diffuse),
-                          textureless=jnp.where(early, 0.0, light.textureless))
+    light = light.replace(
+      ambient=jnp.where(early, 1.0, light.ambient),
+      diffuse=jnp.where(early, 0.0, light.diffuse),
+      textureless=jnp.where(early, 0.0, light.textureless),
+    )
   else:
-    light = camera_lib.sample_light(k_light, cam, ambient=cfg.light.ambient,
-                                    diffuse=cfg.light.diffuse)
+    light = camera_lib.sample_light(
+      k_light, cam, ambient=cfg.light.ambient, diffuse=cfg.light.diffuse
+    )
   return View(camera=cam, light=light, azimuth=azimuth, elevation=elevation)
 
 
-def render_view(head: morphable.MorphableModel, params: dict, view: View, settings,
-                background=(1.0, 1.0, 1.0)):
+def render_view(
+  head: morphable.MorphableModel, params: dict, view: View, settings, background=(1.0, 1.0, 1.0)
+):
   """Renders the head at `params` from `view`: (R, R, 3) in [0, 1]."""
   verts = morphable.vertices(head, params["weights"])
   texture = None
   if "texture_logits" in params:
     texture = texture_from_logits(params["texture_logits"])
-  out = shading.render_soft(verts, head.faces, view.camera, view.light, settings,
-                            texture=texture, uvs=head.uvs, uv_faces=head.uv_faces,
-                            background=background)
+  out = shading.render_soft(
+    verts,
+    head.faces,
+    view.camera,
+    view.light,
+    settings,
+    texture=texture,
+    uvs=head.uvs,
+    uv_faces=head.uv_faces,
+    background=background,
+  )
   return out.rgb, out.overflow
 
 
 @struct.dataclass
 class StepInputs:
   """The random draws of one step for one prompt: n views, their timesteps and noise."""
-  views: View            # leaves have a leading (n,)
-  t: jax.Array           # (n,) int32
-  noise: jax.Array       # (n, h, w, 4) with h = w = sd_resolution / 8
+
+  views: View  # leaves have a leading (n,)
+  t: jax.Array  # (n,) int32
+  noise: jax.Array  # (n, h, w, 4) with h = w = sd_resolution / 8
 
 
 def make_sampler(cfg: FitConfig, view_sampler=None, latent_channels: int = 4):
@@ -185,11 +215,13 @@ def make_sampler(cfg: FitConfig, view_sampler=None, latent_channels: int = 4):
     t = sds.sample_timesteps(k_t, (n,), t_min, t_hi, num_timesteps)
     noise = jax.random.normal(k_noise, (n, h, h, latent_channels), jnp.float32)
     return StepInputs(views=views, t=t, noise=noise)
+
   return sample_inputs
 
 
-def make_gradient_fn(cfg: FitConfig, head: morphable.MorphableModel, encode_fn: EncodeFn,
-                     eps_fn: sds.EpsFn):
+def make_gradient_fn(
+  cfg: FitConfig, head: morphable.MorphableModel, encode_fn: EncodeFn, eps_fn: sds.EpsFn
+):
   """`compute_gradients(params, inputs, embeddings, frozen) -> (grads, aux)`: steps 2-8.
 
   This is the SDS gradient on the head parameters for given random draws, the quantity the
@@ -212,29 +244,49 @@ def make_gradient_fn(cfg: FitConfig, head: morphable.MorphableModel, encode_fn: 
     # 3. Render, resize to the SD resolution, encode; keep the VJP for step 8.
     def render_and_encode(p):
       images, overflow = jax.vmap(lambda v: render_view(head, p, v, settings))(views)
-      images = jax.image.resize(images, (n, cfg.sd_resolution, cfg.sd_resolution, 3),
-                                method="bilinear")
+      images = jax.image.resize(
+        images, (n, cfg.sd_resolution, cfg.sd_resolution, 3), method="bilinear"
+      )
       return encode_fn(frozen.vae_params, images), overflow
+
     latents, backward, overflow = jax.vjp(render_and_encode, params, has_aux=True)
 
     # 4-7. Noise, UNet on [uncond, cond] without its Jacobian, CFG, w(t)·(ε̂ − ε).
     grad_z, residual = sds.sds_gradient(
-        eps_fn, frozen.unet_params, latents, t, noise.astype(latents.dtype), text_emb,
-        uncond_emb, frozen.alphas_cumprod, cfg.guidance_scale, cfg.weighting)
+      eps_fn,
+      frozen.unet_params,
+      latents,
+      t,
+      noise.astype(latents.dtype),
+      text_emb,
+      uncond_emb,
+      frozen.alphas_cumprod,
+      cfg.guidance_scale,
+      cfg.weighting,
+    )
 
     # 8. Back through the VAE encoder and the renderer (mean over the n samples).
     (grads,) = backward(grad_z / n)
     if "texture_logits" in params:
-      prior = jax.grad(lambda p: cfg.texture_smoothness * texture_smoothness(
-          texture_from_logits(p["texture_logits"])))(params)
+      prior = jax.grad(
+        lambda p: (
+          cfg.texture_smoothness * texture_smoothness(texture_from_logits(p["texture_logits"]))
+        )
+      )(params)
       grads = jax.tree.map(jnp.add, grads, prior)
-    aux = {"loss": jnp.mean(residual ** 2), "overflow": jnp.sum(overflow)}
+    aux = {"loss": jnp.mean(residual**2), "overflow": jnp.sum(overflow)}
     return grads, aux
+
   return compute_gradients
 
 
-def make_fit_step(cfg: FitConfig, head: morphable.MorphableModel, encode_fn: EncodeFn,
-                  eps_fn: sds.EpsFn, view_sampler=None):
+def make_fit_step(
+  cfg: FitConfig,
+  head: morphable.MorphableModel,
+  encode_fn: EncodeFn,
+  eps_fn: sds.EpsFn,
+  view_sampler=None,
+):
   """Builds `step(state, key, embeddings, frozen) -> (state, metrics)` for ONE prompt.
 
   Args (of the returned step):
@@ -252,8 +304,9 @@ def make_fit_step(cfg: FitConfig, head: morphable.MorphableModel, encode_fn: Enc
 
   def step(state: FitState, key, embeddings, frozen: Frozen):
     # 1. Views, timesteps and noise, reproducible from (key, step).
-    inputs = sample_inputs(jax.random.fold_in(key, state.step), state.step,
-                           frozen.alphas_cumprod.shape[0])
+    inputs = sample_inputs(
+      jax.random.fold_in(key, state.step), state.step, frozen.alphas_cumprod.shape[0]
+    )
     # 2-8. Render, encode, noise, denoise, guide, weight, back-propagate.
     grads, aux = compute_gradients(state.params, inputs, embeddings, frozen)
     # 9. optax; a non-finite gradient is skipped and counted instead of applied.
@@ -263,12 +316,17 @@ def make_fit_step(cfg: FitConfig, head: morphable.MorphableModel, encode_fn: Enc
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jnp.where(finite, new, old)
     new_state = FitState(
-        step=state.step + 1,
-        params=jax.tree.map(keep, params, state.params),
-        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-        skipped=state.skipped + (~finite).astype(jnp.int32))
-    metrics = {**aux, "grad_norm": optax.tree.norm(grads),
-               "t": jnp.mean(inputs.t.astype(jnp.float32)), "finite": finite}
+      step=state.step + 1,
+      params=jax.tree.map(keep, params, state.params),
+      opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+      skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+      **aux,
+      "grad_norm": optax.tree.norm(grads),
+      "t": jnp.mean(inputs.t.astype(jnp.float32)),
+      "finite": finite,
+    }
     return new_state, metrics
 
   return step
@@ -291,8 +349,12 @@ def make_batched_step(step, mesh: jax.sharding.Mesh | None = None, donate: bool 
     return jax.jit(batched, donate_argnums=(0,) if donate else ())
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("prompts"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(batched, in_shardings=(split, split, split, replicated),
-                 out_shardings=(split, split), donate_argnums=(0,) if donate else ())
+  return jax.jit(
+    batched,
+    in_shardings=(split, split, split, replicated),
+    out_shardings=(split, split),
+    donate_argnums=(0,) if donate else (),
+  )
 
 
 def prompt_keys(seeds) -> jax.Array:

@@ -29,15 +29,26 @@ import numpy as np
 
 from sdsjax.errors import ModelFileError
 
-IDENTITY_COMPONENTS = 300   # shapedirs[..., :300] is identity, [..., 300:] expression
+IDENTITY_COMPONENTS = 300  # shapedirs[..., :300] is identity, [..., 300:] expression
 
-_NUMPY_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray",
-                  "numpy.core.numeric", "numpy._core.numeric")
+_NUMPY_MODULES = (
+  "numpy",
+  "numpy.core.multiarray",
+  "numpy._core.multiarray",
+  "numpy.core.numeric",
+  "numpy._core.numeric",
+)
 _NUMPY_NAMES = ("_reconstruct", "scalar", "ndarray", "dtype", "_frombuffer")
 _SPARSE_NAMES = ("csc_matrix", "csr_matrix", "coo_matrix")
 # Constructors without side effects that pickled object states may use.
-_SAFE_BUILTINS = {"object": object, "set": set, "frozenset": frozenset, "bytearray": bytearray,
-                  "slice": slice, "complex": complex}
+_SAFE_BUILTINS = {
+  "object": object,
+  "set": set,
+  "frozenset": frozenset,
+  "bytearray": bytearray,
+  "slice": slice,
+  "complex": complex,
+}
 
 
 def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
@@ -55,7 +66,7 @@ class ChumpyStandIn:
     return super().__new__(cls)
 
   def __setstate__(self, state: Any) -> None:
-    if isinstance(state, tuple) and len(state) == 2:   # (dict, slot state)
+    if isinstance(state, tuple) and len(state) == 2:  # (dict, slot state)
       state = {**(state[0] or {}), **(state[1] or {})}
     self.__dict__.update(state if isinstance(state, dict) else {"x": state})
 
@@ -69,31 +80,34 @@ class RestrictedUnpickler(pickle.Unpickler):
     if module in _NUMPY_MODULES and name in _NUMPY_NAMES:
       # numpy 2 renamed numpy.core to numpy._core; the old name only warns.
       if module.startswith("numpy.core") and hasattr(np, "_core"):
-        module = "numpy._core" + module[len("numpy.core"):]
+        module = "numpy._core" + module[len("numpy.core") :]
       return super().find_class(module, name)
     if (module == "scipy.sparse" or module.startswith("scipy.sparse.")) and name in _SPARSE_NAMES:
       import scipy.sparse
+
       return getattr(scipy.sparse, name)
     if module in ("copyreg", "copy_reg") and name == "_reconstructor":
       return copyreg._reconstructor
     if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
       return _SAFE_BUILTINS[name]
-    if module == "_codecs" and name == "encode":   # how protocol 2 writes Python 3 bytes
+    if module == "_codecs" and name == "encode":  # how protocol 2 writes Python 3 bytes
       return _encode_latin1
     raise ModelFileError(
-        f"refusing to unpickle {module}.{name}: a FLAME file holds only numpy, scipy.sparse and "
-        "chumpy objects; is this really a FLAME generic_model.pkl?")
+      f"refusing to unpickle {module}.{name}: a FLAME file holds only numpy, scipy.sparse and "
+      "chumpy objects; is this really a FLAME generic_model.pkl?"
+    )
 
 
 def as_array(value: Any, key: str, path: Path) -> np.ndarray:
   """Unwraps chumpy stand-ins and returns a float64 or integer ndarray."""
   if isinstance(value, ChumpyStandIn):
     value = value.__dict__.get("x")
-  if hasattr(value, "toarray"):   # scipy sparse
+  if hasattr(value, "toarray"):  # scipy sparse
     value = value.toarray()
   if not isinstance(value, np.ndarray):
-    raise ModelFileError(f"{path}: '{key}' is {type(value).__name__}, not an array; "
-                         "is this a FLAME generic_model.pkl?")
+    raise ModelFileError(
+      f"{path}: '{key}' is {type(value).__name__}, not an array; is this a FLAME generic_model.pkl?"
+    )
   return value
 
 
@@ -104,26 +118,29 @@ def read_pickle(path: Path) -> dict:
       data = RestrictedUnpickler(f, encoding="latin1").load()
   except ModelFileError:
     raise
-  except Exception as e:  # noqa: BLE001 - any parse failure of an untrusted file is user error
+  except Exception as e:
     reason = " ".join(str(e).split())
     if isinstance(e, OSError):
       raise ModelFileError(f"{path}: cannot read the FLAME file ({reason})") from None
     raise ModelFileError(
-        f"{path}: not a readable FLAME pickle ({type(e).__name__}: {reason})") from None
+      f"{path}: not a readable FLAME pickle ({type(e).__name__}: {reason})"
+    ) from None
   if not isinstance(data, dict):
     raise ModelFileError(f"{path}: a FLAME pickle holds a dict, found {type(data).__name__}")
   return data
 
 
-def read_flame(path: Path, num_components: int) -> dict[str, np.ndarray]:
-  """Reads the template, faces and the first identity components of a FLAME pickle.
+def read_flame(path: Path, num_components: int, num_expressions: int = 0) -> dict[str, np.ndarray]:
+  """Reads the template, faces, identity and expression components of a FLAME pickle.
 
   Args:
     path: generic_model.pkl.
     num_components: N identity components to keep (≤ 300 and ≤ what the file has).
+    num_expressions: E expression components to keep (`shapedirs[..., 300:300 + E]`).
 
   Returns:
-    dict with `mean` (V, 3), `basis` (N, V, 3) in metres per unit weight, `faces` (F, 3).
+    dict in the npz layout of docs/head_model.md: `mean` (V, 3), `basis` (N, V, 3) and
+    `expression_basis` (E, V, 3) in metres per unit weight, `faces` (F, 3).
   """
   data = read_pickle(path)
   for key in ("v_template", "f", "shapedirs"):
@@ -133,14 +150,31 @@ def read_flame(path: Path, num_components: int) -> dict[str, np.ndarray]:
   faces = as_array(data["f"], "f", path)
   shapedirs = as_array(data["shapedirs"], "shapedirs", path)
   if shapedirs.ndim != 3 or shapedirs.shape[:2] != mean.shape:
-    raise ModelFileError(f"{path}: shapedirs has shape {shapedirs.shape}, expected "
-                         f"({mean.shape[0]}, 3, components)")
+    raise ModelFileError(
+      f"{path}: shapedirs has shape {shapedirs.shape}, expected ({mean.shape[0]}, 3, components)"
+    )
   available = min(shapedirs.shape[2], IDENTITY_COMPONENTS)
   if num_components > available:
-    raise ModelFileError(f"{path}: asked for {num_components} components but the file has "
-                         f"{available} identity components; lower num_components")
+    raise ModelFileError(
+      f"{path}: asked for {num_components} components but the file has "
+      f"{available} identity components; lower num_components"
+    )
+  expressions = max(shapedirs.shape[2] - IDENTITY_COMPONENTS, 0)
+  if num_expressions > expressions:
+    raise ModelFileError(
+      f"{path}: asked for {num_expressions} expression components but the file has "
+      f"{expressions}; lower num_expressions"
+    )
   basis = np.transpose(shapedirs[:, :, :num_components], (2, 0, 1))
-  return {"mean": mean, "basis": basis, "faces": faces}
+  first = IDENTITY_COMPONENTS
+  expression = np.transpose(shapedirs[:, :, first : first + num_expressions], (2, 0, 1))
+  return {
+    "mean": mean,
+    "basis": basis,
+    "faces": faces,
+    "expression_basis": expression,
+    "expression_names": np.array([f"flame_expression_{k:03d}" for k in range(num_expressions)]),
+  }
 
 
 def read_uv(path: Path) -> tuple[np.ndarray, np.ndarray]:

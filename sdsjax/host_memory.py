@@ -19,6 +19,7 @@ GPU compiler would only add lock contention. Set SDSJAX_KEEP_FREED_MEMORY=0 to o
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -37,15 +38,20 @@ def cpu_only() -> bool:
   platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
   if platforms:
     return platforms == ["cpu"]
-  return (not importlib.metadata.entry_points(group="jax_plugins")
-          and importlib.util.find_spec("libtpu") is None)
+  return (
+    not importlib.metadata.entry_points(group="jax_plugins")
+    and importlib.util.find_spec("libtpu") is None
+  )
 
 
 def keep_freed_memory() -> bool:
   """Configure glibc's malloc as described above. Returns whether it did (not with an
   accelerator, on macOS, Windows, musl, or with SDSJAX_KEEP_FREED_MEMORY=0)."""
-  if (os.environ.get("SDSJAX_KEEP_FREED_MEMORY", "1") == "0"
-      or not sys.platform.startswith("linux") or not cpu_only()):
+  if (
+    os.environ.get("SDSJAX_KEEP_FREED_MEMORY", "1") == "0"
+    or not sys.platform.startswith("linux")
+    or not cpu_only()
+  ):
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt
@@ -62,7 +68,5 @@ def release_freed_memory() -> None:
   """Return the pages of freed heap blocks to the kernel (glibc's malloc_trim), keeping the
   settings above; the next step pays for its pages once more."""
   if sys.platform.startswith("linux"):
-    try:
+    with contextlib.suppress(OSError, AttributeError):
       ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-      pass

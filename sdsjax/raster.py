@@ -72,7 +72,8 @@ only one chunk's intermediates alive.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import chex
 import jax
@@ -116,6 +117,7 @@ class RasterSettings:
     alpha_rule: "sum" (min(1, Σ D), default) or "product" (SoftRas 1 − Π(1 − D)); see
       `alpha_from_coverage`.
   """
+
   image_size: int = struct.field(pytree_node=False, default=128)
   sigma: float = struct.field(pytree_node=False, default=3e-5)
   gamma: float = struct.field(pytree_node=False, default=1e-4)
@@ -132,16 +134,16 @@ class RasterSettings:
 
   def __post_init__(self):
     checks = [
-        ("image_size", self.image_size >= 1, "a positive integer"),
-        ("sigma", self.sigma > 0, "positive"),
-        ("gamma", self.gamma > 0, "positive"),
-        ("near", self.near > 0, "positive"),
-        ("far", self.far > self.near, "greater than near"),
-        ("faces_per_pixel", self.faces_per_pixel >= 1, "at least 1"),
-        ("bin_size", self.bin_size >= 0, "0 (auto) or positive"),
-        ("max_faces_per_bin", self.max_faces_per_bin >= 0, "0 (auto) or positive"),
-        ("tiles_per_chunk", self.tiles_per_chunk >= 0, "0 (auto) or positive"),
-        ("pixels_per_chunk", self.pixels_per_chunk >= 0, "0 (auto) or positive"),
+      ("image_size", self.image_size >= 1, "a positive integer"),
+      ("sigma", self.sigma > 0, "positive"),
+      ("gamma", self.gamma > 0, "positive"),
+      ("near", self.near > 0, "positive"),
+      ("far", self.far > self.near, "greater than near"),
+      ("faces_per_pixel", self.faces_per_pixel >= 1, "at least 1"),
+      ("bin_size", self.bin_size >= 0, "0 (auto) or positive"),
+      ("max_faces_per_bin", self.max_faces_per_bin >= 0, "0 (auto) or positive"),
+      ("tiles_per_chunk", self.tiles_per_chunk >= 0, "0 (auto) or positive"),
+      ("pixels_per_chunk", self.pixels_per_chunk >= 0, "0 (auto) or positive"),
     ]
     checks.append(("alpha_rule", self.alpha_rule in ("sum", "product"), '"sum" or "product"'))
     for name, ok, what in checks:
@@ -189,6 +191,7 @@ class ProjectedMesh:
     depth: (F, 3) view depths of the vertices.
     valid: (F,) whether the face takes part in rasterization (see the module docstring).
   """
+
   xy: Array
   depth: Array
   valid: Array
@@ -206,6 +209,7 @@ class Fragments:
     log_coverage: (..., K) log D (stable for tiny D); −inf for empty slots.
     inside: (..., K) whether the pixel centre is inside the face.
   """
+
   face_ids: Array
   bary: Array
   depth: Array
@@ -218,8 +222,9 @@ def _cross2(u: Array, v: Array) -> Array:
   return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
 
-def project_mesh(verts: Array, faces: Array, camera: camera_lib.Camera,
-                 settings: RasterSettings) -> ProjectedMesh:
+def project_mesh(
+  verts: Array, faces: Array, camera: camera_lib.Camera, settings: RasterSettings
+) -> ProjectedMesh:
   """Projects a mesh and marks the faces that can be rasterized.
 
   Args:
@@ -239,8 +244,11 @@ def project_mesh(verts: Array, faces: Array, camera: camera_lib.Camera,
   xy = ndc[faces]
   z = depth[faces]
   area2 = _cross2(xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0])
-  valid = (jnp.all(z > settings.near, axis=-1) & jnp.all(z < settings.far, axis=-1)
-           & (jnp.abs(area2) > 1e-12))
+  valid = (
+    jnp.all(z > settings.near, axis=-1)
+    & jnp.all(z < settings.far, axis=-1)
+    & (jnp.abs(area2) > 1e-12)
+  )
   if settings.cull_backfaces:
     valid &= area2 > 0
   return ProjectedMesh(xy=xy, depth=z, valid=jax.lax.stop_gradient(valid))
@@ -305,13 +313,14 @@ def select_faces(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Ar
   p0, p1, p2 = xy[:, 0], xy[:, 1], xy[:, 2]
   area2 = _cross2(p1 - p0, p2 - p0)
   orient = jnp.where(area2 >= 0, 1.0, -1.0).astype(dtype)
-  starts = xy                                   # edge i runs p_i -> p_{i+1}
-  edges = jnp.roll(xy, -1, axis=1) - xy         # (F, 3, 2)
+  starts = xy  # edge i runs p_i -> p_{i+1}
+  edges = jnp.roll(xy, -1, axis=1) - xy  # (F, 3, 2)
   lengths = jnp.sqrt(jnp.maximum(jnp.sum(edges * edges, -1), 1e-30))
   normals = orient[:, None, None] * jnp.stack([-edges[..., 1], edges[..., 0]], -1)
-  normals = normals / lengths[..., None]        # unit, pointing inside
+  normals = normals / lengths[..., None]  # unit, pointing inside
   lines = jnp.concatenate(
-      [normals, -jnp.sum(normals * starts, -1, keepdims=True)], -1)  # (F, 3, 3): a, b, c
+    [normals, -jnp.sum(normals * starts, -1, keepdims=True)], -1
+  )  # (F, 3, 3): a, b, c
   # Inverse-depth plane w(x, y) = A x + B y + C from the affine barycentric planes.
   safe_area2 = jnp.where(jnp.abs(area2) > 1e-12, area2, 1.0)
   q1, q2 = jnp.roll(xy, -1, axis=1), jnp.roll(xy, -2, axis=1)  # (p1, p2), (p2, p0), (p0, p1)
@@ -319,9 +328,10 @@ def select_faces(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Ar
   bary_b = (q2[..., 0] - q1[..., 0]) / safe_area2[:, None]
   bary_c = _cross2(q1, q2) / safe_area2[:, None]
   inv_z = 1.0 / jnp.where(valid[:, None], z, 1.0)
-  plane = jnp.stack([jnp.sum(bary_a * inv_z, -1), jnp.sum(bary_b * inv_z, -1),
-                     jnp.sum(bary_c * inv_z, -1)], -1)  # (F, 3)
-  lo = jnp.min(xy, axis=1) - radius             # (F, 2)
+  plane = jnp.stack(
+    [jnp.sum(bary_a * inv_z, -1), jnp.sum(bary_b * inv_z, -1), jnp.sum(bary_c * inv_z, -1)], -1
+  )  # (F, 3)
+  lo = jnp.min(xy, axis=1) - radius  # (F, 2)
   hi = jnp.max(xy, axis=1) + radius
   z_min = jnp.min(z, axis=1)
   bin_score = jnp.where(valid, -z_min, -jnp.inf)
@@ -333,7 +343,7 @@ def select_faces(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Ar
     hi = jnp.concatenate([hi, jnp.full((pad, 2), -jnp.inf, dtype)])
 
   tile_offsets = jnp.arange(tile)
-  local_rows = jnp.repeat(tile_offsets, tile)   # (T²,) row-major pixels within a tile
+  local_rows = jnp.repeat(tile_offsets, tile)  # (T²,) row-major pixels within a tile
   local_cols = jnp.tile(tile_offsets, tile)
 
   def select_tiles(chunk: tuple[Array, Array]) -> tuple[Array, Array]:
@@ -344,12 +354,19 @@ def select_faces(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Ar
     x_hi = (2.0 * (tx * tile + tile - 1) + 1.0) / size - 1.0
     y_hi = 1.0 - (2.0 * (ty * tile) + 1.0) / size
     y_lo = 1.0 - (2.0 * (ty * tile + tile - 1) + 1.0) / size
-    overlap = ((lo[None, :, 0] <= x_hi[:, None]) & (hi[None, :, 0] >= x_lo[:, None])
-               & (lo[None, :, 1] <= y_hi[:, None]) & (hi[None, :, 1] >= y_lo[:, None]))
-    scores = jnp.where(overlap, bin_score[None], -jnp.inf)          # (n, F)
-    overflow = jnp.sum(jnp.where(real, jnp.maximum(
-        jnp.sum(overlap & (bin_score[None] > -jnp.inf), -1) - cands, 0), 0))
-    cand_score, cand_ids = jax.lax.top_k(scores, cands)              # (n, C)
+    overlap = (
+      (lo[None, :, 0] <= x_hi[:, None])
+      & (hi[None, :, 0] >= x_lo[:, None])
+      & (lo[None, :, 1] <= y_hi[:, None])
+      & (hi[None, :, 1] >= y_lo[:, None])
+    )
+    scores = jnp.where(overlap, bin_score[None], -jnp.inf)  # (n, F)
+    overflow = jnp.sum(
+      jnp.where(
+        real, jnp.maximum(jnp.sum(overlap & (bin_score[None] > -jnp.inf), -1) - cands, 0), 0
+      )
+    )
+    cand_score, cand_ids = jax.lax.top_k(scores, cands)  # (n, C)
     cand_ok = cand_score > -jnp.inf
     cand_ids = jnp.minimum(cand_ids, num_faces - 1)
     # Pixel centres of the tiles: (n, T², 1).
@@ -357,21 +374,20 @@ def select_faces(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Ar
     cols = tx[:, None] * tile + local_cols[None]
     px = ((2.0 * cols + 1.0) / size - 1.0).astype(dtype)[..., None]
     py = (1.0 - (2.0 * rows + 1.0) / size).astype(dtype)[..., None]
-    cl = lines[cand_ids]                                             # (n, C, 3, 3)
+    cl = lines[cand_ids]  # (n, C, 3, 3)
     edge_min = None
     for i in range(3):  # three edges, unrolled
-      e = (cl[:, None, :, i, 0] * px + cl[:, None, :, i, 1] * py + cl[:, None, :, i, 2])
+      e = cl[:, None, :, i, 0] * px + cl[:, None, :, i, 1] * py + cl[:, None, :, i, 2]
       edge_min = e if edge_min is None else jnp.minimum(edge_min, e)  # (n, T², C)
-    cp = plane[cand_ids]                                             # (n, C, 3)
+    cp = plane[cand_ids]  # (n, C, 3)
     w = cp[:, None, :, 0] * px + cp[:, None, :, 1] * py + cp[:, None, :, 2]
     nearness = jnp.clip(w * settings.near, 0.0, 1.0)
     qualifies = cand_ok[:, None, :] & (edge_min > -radius)
     # Covering faces first, nearest first; then soft neighbours, closest edge first.
     tiered = jnp.where(edge_min >= 0, 2.0 + nearness, 1.0 + edge_min / radius)
     score = jnp.where(qualifies, tiered, -jnp.inf)
-    best, slot = jax.lax.top_k(score, k)                             # (n, T², K)
-    ids = jnp.take_along_axis(
-        jnp.broadcast_to(cand_ids[:, None, :], score.shape), slot, axis=-1)
+    best, slot = jax.lax.top_k(score, k)  # (n, T², K)
+    ids = jnp.take_along_axis(jnp.broadcast_to(cand_ids[:, None, :], score.shape), slot, axis=-1)
     ids = jnp.where(best > -jnp.inf, ids, -1).astype(jnp.int32)
     return ids, overflow.astype(jnp.int32)
 
@@ -394,8 +410,9 @@ def select_faces(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Ar
   return ids, overflow
 
 
-def evaluate_fragments(projected: ProjectedMesh, face_ids: Array, pixels: Array,
-                       settings: RasterSettings) -> Fragments:
+def evaluate_fragments(
+  projected: ProjectedMesh, face_ids: Array, pixels: Array, settings: RasterSettings
+) -> Fragments:
   """Pass 2: differentiable soft-raster quantities for selected faces.
 
   Args:
@@ -412,14 +429,13 @@ def evaluate_fragments(projected: ProjectedMesh, face_ids: Array, pixels: Array,
   safe_ids = jnp.maximum(face_ids, 0)
   # One gather of a packed (F, 9) table, then structure-of-arrays math on (..., K) planes:
   # XLA vectorises those far better than arrays with trailing dims of 2 or 3.
-  table = jnp.concatenate(
-      [projected.xy.reshape(-1, 6), projected.depth.reshape(-1, 3)], axis=-1)
-  gathered = table[safe_ids]                                            # (..., K, 9)
+  table = jnp.concatenate([projected.xy.reshape(-1, 6), projected.depth.reshape(-1, 3)], axis=-1)
+  gathered = table[safe_ids]  # (..., K, 9)
   # Empty slots see a harmless canonical triangle so no NaN reaches the gradient.
   canonical = jnp.array([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype)
   gathered = jnp.where(used[..., None], gathered, canonical)
   x0, y0, x1, y1, x2, y2, z0, z1, z2 = [gathered[..., i] for i in range(9)]
-  px = pixels[..., 0:1].astype(dtype)                                   # (..., 1)
+  px = pixels[..., 0:1].astype(dtype)  # (..., 1)
   py = pixels[..., 1:2].astype(dtype)
   area2 = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
   area2 = jnp.where(jnp.abs(area2) > 1e-12, area2, 1e-12)
@@ -431,14 +447,14 @@ def evaluate_fragments(projected: ProjectedMesh, face_ids: Array, pixels: Array,
   def segment_dist2(ax, ay, bx, by):
     abx, aby = bx - ax, by - ay
     apx, apy = px - ax, py - ay
-    t = jnp.clip((apx * abx + apy * aby) / jnp.maximum(abx * abx + aby * aby, 1e-30),
-                 0.0, 1.0)
+    t = jnp.clip((apx * abx + apy * aby) / jnp.maximum(abx * abx + aby * aby, 1e-30), 0.0, 1.0)
     dx, dy = apx - t * abx, apy - t * aby
     return dx * dx + dy * dy
 
-  dist2 = jnp.minimum(jnp.minimum(segment_dist2(x0, y0, x1, y1),
-                                  segment_dist2(x1, y1, x2, y2)),
-                      segment_dist2(x2, y2, x0, y0))
+  dist2 = jnp.minimum(
+    jnp.minimum(segment_dist2(x0, y0, x1, y1), segment_dist2(x1, y1, x2, y2)),
+    segment_dist2(x2, y2, x0, y0),
+  )
   logit = jnp.where(inside, dist2, -dist2) / settings.sigma
   coverage = jnp.where(used, jax.nn.sigmoid(logit), 0.0)
   log_coverage = jnp.where(used, jax.nn.log_sigmoid(logit), -jnp.inf)
@@ -448,12 +464,19 @@ def evaluate_fragments(projected: ProjectedMesh, face_ids: Array, pixels: Array,
   inv_depth = w0 + w1 + w2
   depth = 1.0 / inv_depth
   bary = jnp.stack([w0, w1, w2], axis=-1) * depth[..., None]
-  return Fragments(face_ids=face_ids, bary=bary, depth=depth, coverage=coverage,
-                   log_coverage=log_coverage, inside=inside)
+  return Fragments(
+    face_ids=face_ids,
+    bary=bary,
+    depth=depth,
+    coverage=coverage,
+    log_coverage=log_coverage,
+    inside=inside,
+  )
 
 
-def blend(colors: Array, fragments: Fragments, background: Array,
-          settings: RasterSettings) -> tuple[Array, Array]:
+def blend(
+  colors: Array, fragments: Fragments, background: Array, settings: RasterSettings
+) -> tuple[Array, Array]:
   """SoftRas aggregation of per-fragment colours, composited over the background by alpha.
 
   Args:
@@ -471,12 +494,12 @@ def blend(colors: Array, fragments: Fragments, background: Array,
   # Softmax in log space: log(D_k exp(z_n/γ)) = log D_k + z_n/γ, so tiny D never divides.
   logits = jnp.where(used, fragments.log_coverage + z_n / settings.gamma, -jnp.inf)
   bg_logit = settings.eps / settings.gamma
-  shift = jax.lax.stop_gradient(
-      jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), bg_logit))
-  w = jnp.exp(logits - shift)                                     # (..., K)
-  w_bg = jnp.exp(bg_logit - shift)                                # (..., 1)
+  shift = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), bg_logit))
+  w = jnp.exp(logits - shift)  # (..., K)
+  w_bg = jnp.exp(bg_logit - shift)  # (..., 1)
   soft = (jnp.sum(w[..., None] * colors, axis=-2) + w_bg * background) / (
-      jnp.sum(w, -1, keepdims=True) + w_bg)
+    jnp.sum(w, -1, keepdims=True) + w_bg
+  )
   alpha = alpha_from_coverage(fragments.coverage, settings)
   rgb = alpha[..., None] * soft + (1.0 - alpha[..., None]) * background
   return rgb, alpha
@@ -496,8 +519,9 @@ def alpha_from_coverage(coverage: Array, settings: RasterSettings) -> Array:
   return jnp.minimum(jnp.sum(coverage, axis=-1), 1.0)
 
 
-def map_pixel_chunks(fn: Callable[[Any], Any], per_pixel: Any, settings: RasterSettings,
-                     checkpoint: bool = True) -> Any:
+def map_pixel_chunks(
+  fn: Callable[[Any], Any], per_pixel: Any, settings: RasterSettings, checkpoint: bool = True
+) -> Any:
   """Applies `fn` to chunks of pixels under `jax.checkpoint` (bounded backward memory).
 
   Args:
@@ -517,27 +541,27 @@ def map_pixel_chunks(fn: Callable[[Any], Any], per_pixel: Any, settings: RasterS
   pad = num_chunks * chunk - num_pixels
 
   def to_chunks(x):
-    x = x.reshape((num_pixels,) + x.shape[2:])
+    x = x.reshape((num_pixels, *x.shape[2:]))
     if pad:
       x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
-    return x.reshape((num_chunks, chunk) + x.shape[1:])
+    return x.reshape((num_chunks, chunk, *x.shape[1:]))
 
   def from_chunks(y):
-    y = y.reshape((num_chunks * chunk,) + y.shape[2:])[:num_pixels]
-    return y.reshape((size, size) + y.shape[1:])
+    y = y.reshape((num_chunks * chunk, *y.shape[2:]))[:num_pixels]
+    return y.reshape((size, size, *y.shape[1:]))
 
   body = jax.checkpoint(fn) if checkpoint else fn
   xs = jax.tree_util.tree_map(to_chunks, per_pixel)
   if num_chunks == 1:
-    ys = jax.tree_util.tree_map(lambda y: y[None], body(
-        jax.tree_util.tree_map(lambda x: x[0], xs)))
+    ys = jax.tree_util.tree_map(lambda y: y[None], body(jax.tree_util.tree_map(lambda x: x[0], xs)))
   else:
     ys = jax.lax.map(body, xs)
   return jax.tree_util.tree_map(from_chunks, ys)
 
 
-def rasterize(verts: Array, faces: Array, camera: camera_lib.Camera,
-              settings: RasterSettings) -> tuple[Fragments, Array]:
+def rasterize(
+  verts: Array, faces: Array, camera: camera_lib.Camera, settings: RasterSettings
+) -> tuple[Fragments, Array]:
   """Both passes over the whole image at once (simple; use for small images).
 
   Args:
@@ -556,8 +580,9 @@ def rasterize(verts: Array, faces: Array, camera: camera_lib.Camera,
   return evaluate_fragments(projected, face_ids, pixels, settings), overflow
 
 
-def soft_silhouette(verts: Array, faces: Array, camera: camera_lib.Camera,
-                    settings: RasterSettings) -> tuple[Array, Array]:
+def soft_silhouette(
+  verts: Array, faces: Array, camera: camera_lib.Camera, settings: RasterSettings
+) -> tuple[Array, Array]:
   """(S, S) alpha = 1 − Π(1 − D) and the () overflow, evaluated in pixel chunks."""
   projected = project_mesh(verts, faces, camera, settings)
   face_ids, overflow = select_faces(projected, settings)

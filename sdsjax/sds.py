@@ -11,7 +11,8 @@ For latents z = E(render(θ)), a timestep t and noise ε:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import chex
 import jax
@@ -57,9 +58,18 @@ def classifier_free_guidance(eps_uncond, eps_text, guidance_scale):
   return eps_uncond + guidance_scale * (eps_text - eps_uncond)
 
 
-def sds_gradient(eps_fn: EpsFn, denoiser_params, latents, t, noise, text_embeddings,
-                 uncond_embeddings, alphas_cumprod, guidance_scale: float,
-                 weighting: str = "sds"):
+def sds_gradient(
+  eps_fn: EpsFn,
+  denoiser_params,
+  latents,
+  t,
+  noise,
+  text_embeddings,
+  uncond_embeddings,
+  alphas_cumprod,
+  guidance_scale: float,
+  weighting: str = "sds",
+):
   """The SDS gradient w(t)·(ε̂ − ε) on `latents`, with no path back through the denoiser.
 
   Args:
@@ -83,10 +93,12 @@ def sds_gradient(eps_fn: EpsFn, denoiser_params, latents, t, noise, text_embeddi
   alpha_bar = jnp.asarray(alphas_cumprod)[t]
   noisy = add_noise(latents, noise, alpha_bar)
   # One UNet batch of 2N: [uncond; text], as every SD pipeline does.
-  eps = eps_fn(denoiser_params,
-               jnp.concatenate([noisy, noisy]),
-               jnp.concatenate([t, t]),
-               jnp.concatenate([uncond_embeddings, text_embeddings]))
+  eps = eps_fn(
+    denoiser_params,
+    jnp.concatenate([noisy, noisy]),
+    jnp.concatenate([t, t]),
+    jnp.concatenate([uncond_embeddings, text_embeddings]),
+  )
   eps = jax.lax.stop_gradient(eps).astype(latents.dtype)
   eps_uncond, eps_text = jnp.split(eps, 2)
   residual = classifier_free_guidance(eps_uncond, eps_text, guidance_scale) - noise

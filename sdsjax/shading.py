@@ -16,7 +16,7 @@ the selection when it is inside), 0 elsewhere.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import chex
 import jax
@@ -44,6 +44,7 @@ class RenderOutput:
       empty).
     overflow: () int32 (tile, face) overlaps dropped because a bin was full.
   """
+
   rgb: Array
   alpha: Array
   depth: Array
@@ -65,8 +66,7 @@ def vertex_normals(verts: Array, faces: Array) -> Array:
   """(V, 3) smooth unit vertex normals: area-weighted sums of the adjacent face normals."""
   tri = verts[faces]
   weighted = jnp.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # |n| = 2 · area
-  sums = jnp.zeros_like(verts).at[faces.reshape(-1)].add(
-      jnp.repeat(weighted, 3, axis=0))
+  sums = jnp.zeros_like(verts).at[faces.reshape(-1)].add(jnp.repeat(weighted, 3, axis=0))
   return _normalize(sums)
 
 
@@ -99,13 +99,19 @@ def sample_texture(texture: Array, uv: Array) -> Array:
   return top * (1.0 - fy) + bottom * fy
 
 
-def render_soft(verts: Array, faces: Array, camera: camera_lib.Camera,
-                light: camera_lib.Light, settings: raster.RasterSettings,
-                texture: Array | None = None, uvs: Array | None = None,
-                uv_faces: Array | None = None,
-                background: Sequence[float] | Array = (1.0, 1.0, 1.0),
-                albedo: Sequence[float] | Array = DEFAULT_ALBEDO,
-                smooth_normals: bool = True) -> RenderOutput:
+def render_soft(
+  verts: Array,
+  faces: Array,
+  camera: camera_lib.Camera,
+  light: camera_lib.Light,
+  settings: raster.RasterSettings,
+  texture: Array | None = None,
+  uvs: Array | None = None,
+  uv_faces: Array | None = None,
+  background: Sequence[float] | Array = (1.0, 1.0, 1.0),
+  albedo: Sequence[float] | Array = DEFAULT_ALBEDO,
+  smooth_normals: bool = True,
+) -> RenderOutput:
   """Renders a mesh with the soft rasterizer and Lambertian shading.
 
   Jits with `settings` and `smooth_normals` static (RasterSettings is a leafless pytree,
@@ -151,7 +157,7 @@ def render_soft(verts: Array, faces: Array, camera: camera_lib.Camera,
   background = jnp.broadcast_to(jnp.asarray(background, dtype), (size, size, 3))
   grey = jnp.asarray(albedo, dtype)
   if smooth_normals:
-    normal_table = vertex_normals(verts, faces)[faces].reshape(-1, 9)    # (F, 3 corners · 3)
+    normal_table = vertex_normals(verts, faces)[faces].reshape(-1, 9)  # (F, 3 corners · 3)
   else:
     normal_table = jnp.tile(face_normals(verts, faces), (1, 3))
   # One packed per-face table, gathered once per fragment.
@@ -163,15 +169,16 @@ def render_soft(verts: Array, faces: Array, camera: camera_lib.Camera,
   def shade_chunk(chunk):
     ids, pix, bg = chunk
     frags = raster.evaluate_fragments(projected, ids, pix, settings)
-    gathered = table[jnp.maximum(ids, 0)]                                 # (P, K, 9 or 15)
-    b = [frags.bary[..., i] for i in range(3)]                            # 3 × (P, K)
+    gathered = table[jnp.maximum(ids, 0)]  # (P, K, 9 or 15)
+    b = [frags.bary[..., i] for i in range(3)]  # 3 × (P, K)
 
     def interpolate(first: int, width: int) -> Array:
-      cols = [sum(b[c] * gathered[..., first + width * c + j] for c in range(3))
-              for j in range(width)]
+      cols = [
+        sum(b[c] * gathered[..., first + width * c + j] for c in range(3)) for j in range(width)
+      ]
       return jnp.stack(cols, axis=-1)
 
-    normals = _normalize(interpolate(0, 3))                               # (P, K, 3)
+    normals = _normalize(interpolate(0, 3))  # (P, K, 3)
     if texture is None:
       base = jnp.broadcast_to(grey, normals.shape)
     else:
@@ -186,5 +193,6 @@ def render_soft(verts: Array, faces: Array, camera: camera_lib.Camera,
     return rgb, alpha, depth, normal
 
   rgb, alpha, depth, normal = raster.map_pixel_chunks(
-      shade_chunk, (face_ids, pixels, background), settings)
+    shade_chunk, (face_ids, pixels, background), settings
+  )
   return RenderOutput(rgb=rgb, alpha=alpha, depth=depth, normals=normal, overflow=overflow)

@@ -8,22 +8,25 @@ import pytest
 from sdsjax import camera as camera_lib
 
 
-@pytest.mark.parametrize("azimuth, elevation, expected", [
+@pytest.mark.parametrize(
+  "azimuth, elevation, expected",
+  [
     (0.0, 0.0, "front view"),
     (44.0, 10.0, "front view"),
     (-44.0, 30.0, "front view"),
-    (359.0, 0.0, "front view"),   # wraps to −1°
+    (359.0, 0.0, "front view"),  # wraps to −1°
     (46.0, 0.0, "side view"),
     (-90.0, 0.0, "side view"),
     (134.0, 45.0, "side view"),
     (136.0, 0.0, "back view"),
     (180.0, 0.0, "back view"),
     (-180.0, 0.0, "back view"),
-    (225.0, 0.0, "side view"),    # wraps to −135°: not > 135
+    (225.0, 0.0, "side view"),  # wraps to −135°: not > 135
     (0.0, 61.0, "overhead view"),
     (180.0, 89.0, "overhead view"),
     (0.0, 60.0, "front view"),
-])
+  ],
+)
 def test_view_index_table(azimuth, elevation, expected):
   index = int(camera_lib.view_index(azimuth, elevation))
   assert camera_lib.VIEW_SUFFIXES[index] == expected
@@ -84,14 +87,18 @@ def test_look_at_is_rigid_and_looks_at_target():
 
 def test_pixel_centers_convention():
   centers = camera_lib.pixel_centers(4)
-  np.testing.assert_allclose(centers[0, 0], [-0.75, 0.75])   # top-left
-  np.testing.assert_allclose(centers[3, 3], [0.75, -0.75])   # bottom-right
+  np.testing.assert_allclose(centers[0, 0], [-0.75, 0.75])  # top-left
+  np.testing.assert_allclose(centers[3, 3], [0.75, -0.75])  # bottom-right
 
 
 def test_sample_camera_respects_ranges():
-  ranges = camera_lib.CameraRanges(azimuth_spread=60.0, back_view_prob=0.25,
-                                   elevation_range=(-10.0, 45.0),
-                                   distance_range=(2.5, 3.0), fov_range=(35.0, 45.0))
+  ranges = camera_lib.CameraRanges(
+    azimuth_spread=60.0,
+    back_view_prob=0.25,
+    elevation_range=(-10.0, 45.0),
+    distance_range=(2.5, 3.0),
+    fov_range=(35.0, 45.0),
+  )
   keys = jax.random.split(jax.random.PRNGKey(0), 2000)
   cams, az, el = jax.jit(jax.vmap(lambda k: camera_lib.sample_camera(k, ranges)))(keys)
   az, el = np.asarray(az), np.asarray(el)
@@ -115,8 +122,11 @@ def test_sample_camera_respects_ranges():
 def test_sample_light():
   cam = camera_lib.orbit_camera(20.0, 10.0, 3.0)
   keys = jax.random.split(jax.random.PRNGKey(1), 500)
-  lights = jax.vmap(lambda k: camera_lib.sample_light(
-      k, cam, ambient=0.1, diffuse=0.9, shading_prob=0.75, textureless_prob=0.5))(keys)
+  lights = jax.vmap(
+    lambda k: camera_lib.sample_light(
+      k, cam, ambient=0.1, diffuse=0.9, shading_prob=0.75, textureless_prob=0.5
+    )
+  )(keys)
   np.testing.assert_allclose(np.linalg.norm(lights.direction, axis=-1), 1.0, rtol=1e-5)
   # Lights come from roughly the camera side.
   cos = np.asarray(lights.direction) @ (np.asarray(cam.eye) / 3.0)

@@ -25,9 +25,16 @@ def test_default_is_dreamfusion_like():
 
 
 def test_overrides_reach_sections_and_parse_numbers():
-  cfg = config_lib.load_config(CONFIGS / "tiny.yaml", [
-      "guidance_scale=7.5", "raster.sigma=1e-5", "camera.elevation_range=[0, 30]",
-      "texture=true", {"steps": 3}])
+  cfg = config_lib.load_config(
+    CONFIGS / "tiny.yaml",
+    [
+      "guidance_scale=7.5",
+      "raster.sigma=1e-5",
+      "camera.elevation_range=[0, 30]",
+      "texture=true",
+      {"steps": 3},
+    ],
+  )
   assert cfg.guidance_scale == 7.5
   assert cfg.raster.sigma == 1e-5
   assert cfg.camera.elevation_range == (0.0, 30.0)
@@ -35,7 +42,9 @@ def test_overrides_reach_sections_and_parse_numbers():
   assert config_lib.to_dict(cfg)["camera"]["elevation_range"] == [0.0, 30.0]
 
 
-@pytest.mark.parametrize("override, words", [
+@pytest.mark.parametrize(
+  "override, words",
+  [
     ("guidance=3", "unknown config key 'guidance'"),
     ("raster.sigmaa=1", "unknown config key 'raster.sigmaa'"),
     ("steps=many", "bad value for config key 'steps'"),
@@ -44,7 +53,8 @@ def test_overrides_reach_sections_and_parse_numbers():
     ("weighting=alphas", "weighting"),
     ("t_range=[0.9, 0.1]", "t_range"),
     ("camera=3", "section"),
-])
+  ],
+)
 def test_bad_overrides_are_one_line_errors(override, words):
   with pytest.raises(ConfigError) as e:
     config_lib.load_config(None, [override])
@@ -70,5 +80,6 @@ def test_bad_files(tmp_path):
 
 
 def test_dataclass_defaults_equal_default_yaml():
-  assert config_lib.to_dict(config_lib.load_config(CONFIGS / "default.yaml")) == \
-      config_lib.to_dict(config_lib.FitConfig())
+  assert config_lib.to_dict(config_lib.load_config(CONFIGS / "default.yaml")) == config_lib.to_dict(
+    config_lib.FitConfig()
+  )

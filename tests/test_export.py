@@ -10,8 +10,22 @@ from sdsjax import export
 
 def cube():
   v = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], np.float32)
-  f = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
-                [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+  f = np.array(
+    [
+      [0, 1, 3],
+      [0, 3, 2],
+      [4, 6, 7],
+      [4, 7, 5],
+      [0, 4, 5],
+      [0, 5, 1],
+      [2, 3, 7],
+      [2, 7, 6],
+      [0, 2, 6],
+      [0, 6, 4],
+      [1, 5, 7],
+      [1, 7, 3],
+    ]
+  )
   uv = np.random.default_rng(0).uniform(size=(20, 2)).astype(np.float32)
   uvf = np.random.default_rng(1).integers(0, 20, size=f.shape)
   return v, f, uv, uvf
@@ -26,8 +40,9 @@ def test_obj_with_texture_round_trips(tmp_path):
   assert (tmp_path / "texture.png").exists() and (tmp_path / "head.mtl").exists()
   assert "map_Kd texture.png" in (tmp_path / "head.mtl").read_text()
   # Positions survive: the loaded vertex set equals the written one.
-  np.testing.assert_allclose(np.unique(np.round(mesh.vertices, 5), axis=0),
-                             np.unique(v, axis=0), atol=1e-5)
+  np.testing.assert_allclose(
+    np.unique(np.round(mesh.vertices, 5), axis=0), np.unique(v, axis=0), atol=1e-5
+  )
 
 
 def test_glb_loads_with_and_without_texture(tmp_path):
@@ -55,15 +70,15 @@ def test_png_grid_and_gif(tmp_path):
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
   target = tmp_path / "x.bin"
-  with pytest.raises(RuntimeError):
-    with export.atomic_write(target) as f:
-      f.write(b"partial")
-      raise RuntimeError("boom")
+  with pytest.raises(RuntimeError), export.atomic_write(target) as f:
+    f.write(b"partial")
+    raise RuntimeError("boom")
   assert list(tmp_path.iterdir()) == []
 
 
 def test_written_files_get_normal_permissions(tmp_path):
   import os
+
   export.write_png(tmp_path / "p.png", np.zeros((2, 2, 3)))
   umask = os.umask(0)
   os.umask(umask)

@@ -20,20 +20,55 @@ def free_port() -> int:
 
 
 def test_two_processes_match_one(tmp_path):
-  common = ["--prompt", "an old man", "--prompt", "a young woman", "--model", "tiny-random",
-            "--config", TINY, "--steps", "4", "num_components=8", "--no-progress"]
+  common = [
+    "--prompt",
+    "an old man",
+    "--prompt",
+    "a young woman",
+    "--model",
+    "tiny-random",
+    "--config",
+    TINY,
+    "--steps",
+    "4",
+    "num_components=8",
+    "--no-progress",
+  ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
   address = f"127.0.0.1:{free_port()}"
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "sdsjax.fit", *common, "--out", str(tmp_path / "pod"),
-       "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i)],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "sdsjax.fit",
+        *common,
+        "--out",
+        str(tmp_path / "pod"),
+        "--coordinator-address",
+        address,
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(i),
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   logs = [p.communicate(timeout=900)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(l[-2000:] for l in logs)
-  single = subprocess.run([sys.executable, "-m", "sdsjax.fit", *common, "--out",
-                           str(tmp_path / "one")], env=env, capture_output=True, text=True,
-                          timeout=900)
+  single = subprocess.run(
+    [sys.executable, "-m", "sdsjax.fit", *common, "--out", str(tmp_path / "one")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert single.returncode == 0, single.stderr[-2000:]
 
   pod = json.loads((tmp_path / "pod" / "run.json").read_text())

@@ -1,6 +1,5 @@
 """The SDS update step: recovery with an analytic denoiser, prompt batching and sharding."""
 
-import json
 import os
 import subprocess
 import sys
@@ -30,8 +29,9 @@ def sd():
 def fixed_view(azimuth=20.0, elevation=10.0):
   cam = camera_lib.orbit_camera(jnp.float32(azimuth), jnp.float32(elevation), 2.8, 35.0)
   light = camera_lib.default_light(cam, ambient=0.3, diffuse=0.7)
-  return fit_step.View(camera=cam, light=light, azimuth=jnp.float32(azimuth),
-                       elevation=jnp.float32(elevation))
+  return fit_step.View(
+    camera=cam, light=light, azimuth=jnp.float32(azimuth), elevation=jnp.float32(elevation)
+  )
 
 
 def test_recovery_with_analytic_denoiser(sd):
@@ -48,27 +48,42 @@ def test_recovery_with_analytic_denoiser(sd):
   step 300.
   """
   num_components = 6
-  cfg = config_lib.load_config(TINY, [dict(
-      num_components=num_components, steps=300, lr=0.1, lr_schedule="cosine",
-      warmup_steps=0, weight_decay=0.0, grad_clip=10.0, guidance_scale=1.0,
-      view_prompts=True, render_resolution=64, sd_resolution=128)])
+  cfg = config_lib.load_config(
+    TINY,
+    [
+      dict(
+        num_components=num_components,
+        steps=300,
+        lr=0.1,
+        lr_schedule="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        grad_clip=10.0,
+        guidance_scale=1.0,
+        view_prompts=True,
+        render_resolution=64,
+        sd_resolution=128,
+      )
+    ],
+  )
   head = morphable.load_model("builtin", num_components)
   views = [fixed_view(20.0, 10.0), fixed_view(100.0, 5.0), fixed_view(180.0, 15.0)]
   rows = [int(camera_lib.view_index(v.azimuth, v.elevation)) + 1 for v in views]
-  assert sorted(rows) == [1, 2, 3]        # front, side, back prompts
+  assert sorted(rows) == [1, 2, 3]  # front, side, back prompts
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *views)
   settings = fit_step.raster_settings(cfg, cfg.render_resolution)
   vae = sd.params["vae"]
   abar = jnp.asarray(sd.alphas_cumprod, jnp.float32)
 
   def render_all(weights):
-    images = jnp.stack([fit_step.render_view(head, {"weights": weights}, v, settings)[0]
-                        for v in views])
+    images = jnp.stack(
+      [fit_step.render_view(head, {"weights": weights}, v, settings)[0] for v in views]
+    )
     return jax.image.resize(images, (3, 128, 128, 3), method="bilinear")
 
   w_star = 2.0 * jax.random.normal(jax.random.PRNGKey(42), (num_components,))
   images_star = render_all(w_star)
-  z_star = jnp.zeros((fit_step.NUM_EMBEDDING_ROWS,) + (16, 16, 4))
+  z_star = jnp.zeros((fit_step.NUM_EMBEDDING_ROWS, 16, 16, 4))
   z_star = z_star.at[jnp.array(rows)].set(sd.encode_image(vae, images_star))
   # Row r of the embedding table is one-hot at r, so the denoiser can tell the views apart.
   emb = jnp.eye(fit_step.NUM_EMBEDDING_ROWS)[:, None, :]
@@ -81,15 +96,16 @@ def test_recovery_with_analytic_denoiser(sd):
   def three_views(key, step):
     return jax.tree.map(lambda x: x[jax.random.randint(key, (), 0, 3)], stacked)
 
-  step = jax.jit(fit_step.make_fit_step(cfg, head, sd.encode_image, analytic_eps,
-                                        view_sampler=three_views))
+  step = jax.jit(
+    fit_step.make_fit_step(cfg, head, sd.encode_image, analytic_eps, view_sampler=three_views)
+  )
   frozen = fit_step.Frozen(vae_params=vae, unet_params=z_star, alphas_cumprod=abar)
   state = fit_step.init_state(cfg, num_components)
   key = jax.random.PRNGKey(0)
   w0_err = float(jnp.linalg.norm(state.params["weights"] - w_star))
   img0_err = float(jnp.mean((render_all(state.params["weights"]) - images_star) ** 2))
   for _ in range(cfg.steps):
-    state, metrics = step(state, key, emb, frozen)
+    state, _metrics = step(state, key, emb, frozen)
   w = state.params["weights"]
   w_err = float(jnp.linalg.norm(w - w_star))
   img_err = float(jnp.mean((render_all(w) - images_star) ** 2))
@@ -101,10 +117,14 @@ def test_recovery_with_analytic_denoiser(sd):
 def run_separately_and_batched(sd, cfg, num_prompts, steps):
   head = morphable.load_model(cfg.head, cfg.num_components)
   step = fit_step.make_fit_step(cfg, head, sd.encode_image, sd.predict_noise)
-  frozen = fit_step.Frozen(vae_params=sd.params["vae"], unet_params=sd.params["unet"],
-                           alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32))
+  frozen = fit_step.Frozen(
+    vae_params=sd.params["vae"],
+    unet_params=sd.params["unet"],
+    alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32),
+  )
   prompts = [f"a head number {i}" for i in range(num_prompts)]
   from sdsjax.fit_run import embedding_table
+
   emb = jnp.asarray(embedding_table(sd.encode_text, prompts, cfg))
   seeds = [cfg.seed + i for i in range(num_prompts)]
   keys = fit_step.prompt_keys(seeds)
@@ -129,8 +149,8 @@ def run_separately_and_batched(sd, cfg, num_prompts, steps):
 def test_four_prompts_batched_equal_four_runs(sd, tmp_path):
   cfg = config_lib.load_config(TINY, [dict(num_components=12, steps=3)])
   together, alone = run_separately_and_batched(sd, cfg, 4, 3)
-  assert np.abs(together).max() > 1e-3          # the step moved the weights
-  assert np.abs(together[0] - together[1]).max() > 1e-4   # prompts and seeds differ
+  assert np.abs(together).max() > 1e-3  # the step moved the weights
+  assert np.abs(together[0] - together[1]).max() > 1e-4  # prompts and seeds differ
   np.testing.assert_allclose(together, alone, atol=2e-4, rtol=1e-3)
 
   # The same four prompts sharded over 4 (forced) CPU devices give the same weights.
@@ -164,8 +184,9 @@ def test_four_prompts_batched_equal_four_runs(sd, tmp_path):
   """)
   out = tmp_path / "sharded.npy"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  proc = subprocess.run([sys.executable, "-c", script, str(out)], env=env,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   np.testing.assert_allclose(np.load(out), together, atol=2e-4, rtol=1e-3)
 
@@ -175,8 +196,11 @@ def test_non_finite_gradient_is_skipped_and_counted(sd):
   head = morphable.load_model("builtin", 6)
   nan_eps = lambda params, z, t, emb: jnp.full_like(z, jnp.nan)
   step = jax.jit(fit_step.make_fit_step(cfg, head, sd.encode_image, nan_eps))
-  frozen = fit_step.Frozen(vae_params=sd.params["vae"], unet_params=None,
-                           alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32))
+  frozen = fit_step.Frozen(
+    vae_params=sd.params["vae"],
+    unet_params=None,
+    alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32),
+  )
   state = fit_step.init_state(cfg, 6)
   emb = jnp.zeros((fit_step.NUM_EMBEDDING_ROWS, 4, 8))  # ignored by nan_eps
   new, metrics = step(state, jax.random.PRNGKey(0), emb, frozen)

@@ -33,8 +33,9 @@ print("faults", faults[1], faults[2])
 
 def _run(keep: str):
   env = dict(os.environ, SDSJAX_KEEP_FREED_MEMORY=keep)
-  out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                       check=True).stdout.split()
+  out = subprocess.run(
+    [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True
+  ).stdout.split()
   return out[1] == "True", int(out[3]), int(out[4])
 
 
@@ -43,5 +44,5 @@ def test_keep_freed_memory_avoids_page_faults():
   kept, faults, after_release = _run("1")
   assert kept and faults < 1000, faults
   assert after_release > 30000, after_release
-  kept, faults, _ = _run("0")    # the opt-out leaves glibc's defaults: every round faults again
+  kept, faults, _ = _run("0")  # the opt-out leaves glibc's defaults: every round faults again
   assert not kept and faults > 30000, faults

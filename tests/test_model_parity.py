@@ -26,22 +26,47 @@ TOL = 1e-4
 
 # SD 1.5: conv projections, 8 heads everywhere, 768-d context (shrunk).
 UNET_SD15 = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(32, 64, 64),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=48, attention_head_dim=8, norm_num_groups=32,
-    flip_sin_to_cos=True, freq_shift=0)
+  sample_size=8,
+  in_channels=4,
+  out_channels=4,
+  layers_per_block=2,
+  block_out_channels=(32, 64, 64),
+  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+  cross_attention_dim=48,
+  attention_head_dim=8,
+  norm_num_groups=32,
+  flip_sin_to_cos=True,
+  freq_shift=0,
+)
 # SD 2.1: linear projections, per-block head COUNTS in attention_head_dim, upcast attention,
 # 1024-d context (shrunk).
-UNET_SD21 = dict(UNET_SD15, cross_attention_dim=64, attention_head_dim=(2, 4, 8),
-                 use_linear_projection=True, upcast_attention=True)
+UNET_SD21 = dict(
+  UNET_SD15,
+  cross_attention_dim=64,
+  attention_head_dim=(2, 4, 8),
+  use_linear_projection=True,
+  upcast_attention=True,
+)
 VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-    block_out_channels=(32, 32, 64), norm_num_groups=32,
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
-CLIP_SD15 = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
+  in_channels=3,
+  out_channels=3,
+  latent_channels=4,
+  layers_per_block=2,
+  block_out_channels=(32, 32, 64),
+  norm_num_groups=32,
+  down_block_types=("DownEncoderBlock2D",) * 3,
+  up_block_types=("UpDecoderBlock2D",) * 3,
+)
+CLIP_SD15 = dict(
+  vocab_size=1000,
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  max_position_embeddings=77,
+  hidden_act="quick_gelu",
+)
 CLIP_SD21 = dict(CLIP_SD15, hidden_act="gelu")
 
 
@@ -54,8 +79,10 @@ def _randomise(model, seed):
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in model.parameters():
-      p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1
-                                                     else 0.1))
+      p.copy_(
+        torch.randn(p.shape, generator=gen)
+        * (1.0 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.1)
+      )
   return model.eval()
 
 
@@ -74,7 +101,7 @@ def test_unet_parity(config):
   torch.manual_seed(0)
   pt = _randomise(diffusers.UNet2DConditionModel(**config), 1)
   rng = np.random.default_rng(0)
-  sample = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)   # NCHW for torch
+  sample = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)  # NCHW for torch
   t = np.array([10, 700], np.int64)
   context = rng.standard_normal((2, 7, config["cross_attention_dim"])).astype(np.float32)
   with torch.no_grad():
@@ -98,7 +125,7 @@ def _old_attention_names(state):
     for new, name in renames.items():
       k = k.replace(f"attentions.0.{new}.", f"attentions.0.{name}.")
     old[k] = v
-  assert sum(".query." in k for k in old) == 4   # weight, bias; encoder, decoder
+  assert sum(".query." in k for k in old) == 4  # weight, bias; encoder, decoder
   return old
 
 
@@ -134,8 +161,9 @@ def test_vae_parity():
   want_grad = xt.grad.numpy().transpose(0, 2, 3, 1)
   for remat, policy in ((True, "convs"), (True, "blocks"), (False, "auto")):
     variant = model.clone(remat=remat, remat_policy=policy)
-    grad = jax.jit(jax.grad(
-        lambda x: variant.apply({"params": params}, x, method=variant.encode)[0].sum()))(x)
+    grad = jax.jit(
+      jax.grad(lambda x: variant.apply({"params": params}, x, method=variant.encode)[0].sum())
+    )(x)
     assert _rel_err(grad, want_grad) < TOL, policy
   with pytest.raises(ValueError, match="remat_policy"):
     model.clone(remat_policy="everything").apply({"params": params}, x, method="encode")
@@ -159,8 +187,13 @@ def test_clip_text_parity(config):
 def _small_unet_target():
   model = UNet2DConditionModel.from_config(UNET_SD15)
   pt = diffusers.UNet2DConditionModel(**UNET_SD15)
-  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)),
-                          jnp.zeros((1,)), jnp.zeros((1, 7, 48)))["params"]
+  target = jax.eval_shape(
+    model.init,
+    jax.random.PRNGKey(0),
+    jnp.zeros((1, 8, 8, 4)),
+    jnp.zeros((1,)),
+    jnp.zeros((1, 7, 48)),
+  )["params"]
   return _numpy_state(pt), target
 
 
@@ -174,9 +207,11 @@ def test_checkpoint_errors_name_the_key():
     convert.convert_state_dict(missing, target)
 
   bad = dict(state, **{"conv_in.weight": np.zeros((16, 4, 3, 3), np.float32)})
-  with pytest.raises(CheckpointError,
-                     match=r"shape mismatch conv_in\.weight \(16, 4, 3, 3\) vs expected "
-                           r"\(32, 4, 3, 3\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"shape mismatch conv_in\.weight \(16, 4, 3, 3\) vs expected "
+    r"\(32, 4, 3, 3\)",
+  ):
     convert.convert_state_dict(bad, target)
 
   extra = dict(state, **{"down_blocks.9.foo.weight": np.zeros((3,), np.float32)})
@@ -185,15 +220,20 @@ def test_checkpoint_errors_name_the_key():
 
 
 def test_conversion_rules():
-  assert convert.flax_path("down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0.weight"
-                           ) == ("down_blocks_0", "attentions_1", "transformer_blocks_0", "attn1",
-                                 "to_out_0", "weight")
+  assert convert.flax_path(
+    "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0.weight"
+  ) == ("down_blocks_0", "attentions_1", "transformer_blocks_0", "attn1", "to_out_0", "weight")
   assert convert.flax_path("encoder.mid_block.attentions.0.query.bias") == (
-      "encoder", "mid_block", "attentions_0", "to_q", "bias")
-  conv_w = np.arange(2 * 3 * 3 * 5, dtype=np.float32).reshape(2, 3, 3, 5)   # O, I, kh, kw
+    "encoder",
+    "mid_block",
+    "attentions_0",
+    "to_q",
+    "bias",
+  )
+  conv_w = np.arange(2 * 3 * 3 * 5, dtype=np.float32).reshape(2, 3, 3, 5)  # O, I, kh, kw
   name, k = convert.convert_leaf(conv_w, "weight", {"kernel": np.zeros((3, 5, 3, 2))})
   assert name == "kernel" and k.shape == (3, 5, 3, 2) and k[1, 4, 2, 0] == conv_w[0, 2, 1, 4]
-  lin = np.arange(6, dtype=np.float32).reshape(2, 3)    # out, in
+  lin = np.arange(6, dtype=np.float32).reshape(2, 3)  # out, in
   name, k = convert.convert_leaf(lin, "weight", {"kernel": np.zeros((3, 2)), "bias": None})
   assert name == "kernel" and np.array_equal(k, lin.T)
   assert convert.convert_leaf(lin[0], "weight", {"scale": None, "bias": None})[0] == "scale"
@@ -201,21 +241,26 @@ def test_conversion_rules():
   assert convert.convert_leaf(lin[0], "bias", {"kernel": None, "bias": None})[0] == "bias"
 
 
-@pytest.mark.parametrize("shape,kernel,stride,padding,out,algorithm", [
-    ((2, 8, 8, 5), 3, 1, 1, 7, "im2col"),            # ≤ IM2COL_MAX_PIXELS
-    ((2, 22, 26, 32), 3, 1, 1, 40, "winograd"),      # H, W not multiples of the 4×4 tile
+@pytest.mark.parametrize(
+  "shape,kernel,stride,padding,out,algorithm",
+  [
+    ((2, 8, 8, 5), 3, 1, 1, 7, "im2col"),  # ≤ IM2COL_MAX_PIXELS
+    ((2, 22, 26, 32), 3, 1, 1, 40, "winograd"),  # H, W not multiples of the 4×4 tile
     ((1, 16, 16, 48), 3, 1, 1, 32, "winograd"),
-    ((2, 24, 24, 5), 3, 1, 1, 7, "xla"),             # too few channels for Winograd
-    ((2, 8, 8, 5), 1, 1, 0, 7, "matmul"),            # 1×1
-    ((2, 9, 9, 5), 3, 2, 0, 7, "xla"),               # stride 2, no padding (VAE downsampler)
-])
+    ((2, 24, 24, 5), 3, 1, 1, 7, "xla"),  # too few channels for Winograd
+    ((2, 8, 8, 5), 1, 1, 0, 7, "matmul"),  # 1×1
+    ((2, 9, 9, 5), 3, 2, 0, 7, "xla"),  # stride 2, no padding (VAE downsampler)
+  ],
+)
 def test_conv2d_matches_torch(shape, kernel, stride, padding, out, algorithm):
   """Every CPU path of Conv2D, forward and both gradients, against torch's conv2d."""
-  from sdsjax.models.resnet import Conv2D, conv_algorithm
+  from sdsjax.models.resnet import Conv2D
+  from sdsjax.models.resnet import conv_algorithm
+
   assert conv_algorithm(jnp.zeros(shape), kernel, out, stride, padding) == algorithm
   rng = np.random.default_rng(shape[1] + kernel)
   x = rng.standard_normal(shape).astype(np.float32)
-  w = rng.standard_normal((out, shape[-1], kernel, kernel)).astype(np.float32)   # torch OIHW
+  w = rng.standard_normal((out, shape[-1], kernel, kernel)).astype(np.float32)  # torch OIHW
   b = rng.standard_normal((out,)).astype(np.float32)
   conv = Conv2D(out, kernel, stride=stride, padding=padding)
   params = {"kernel": jnp.asarray(w.transpose(2, 3, 1, 0)), "bias": jnp.asarray(b)}
@@ -227,9 +272,10 @@ def test_conv2d_matches_torch(shape, kernel, stride, padding, out, algorithm):
   want.backward(torch.from_numpy(dy))
   dparams, dx = vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))
 
-  def close(a, b):   # Winograd's error is ~2e-5 of the output's scale
+  def close(a, b):  # Winograd's error is ~2e-5 of the output's scale
     a, b = np.asarray(a), b.detach().numpy()
     assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)), np.max(np.abs(a - b))
+
   close(got, want.permute(0, 2, 3, 1))
   close(dx, xt.grad.permute(0, 2, 3, 1))
   close(dparams["kernel"], wt.grad.permute(2, 3, 1, 0))

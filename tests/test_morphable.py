@@ -31,6 +31,7 @@ def _face_normals(verts, faces):
 # ---------------------------------------------------------------------------------------
 # vertices()
 
+
 def test_vertices_vmap_matches_loop_and_is_linear(head):
   weights = jax.random.normal(jax.random.PRNGKey(0), (4, head.num_components))
   batched = jax.jit(jax.vmap(morphable.vertices, (None, 0)))(head, weights)
@@ -53,6 +54,7 @@ def test_vertices_gradient_is_the_basis(head):
 # ---------------------------------------------------------------------------------------
 # The builtin head.
 
+
 def test_builtin_shapes_and_frame(head):
   v = head.mean.shape[0]
   assert 5000 <= v <= 20000
@@ -74,10 +76,10 @@ def test_builtin_shapes_and_frame(head):
 def test_builtin_faces_and_uvs_are_valid(head):
   faces, uv_faces, uvs = map(np.asarray, (head.faces, head.uv_faces, head.uvs))
   assert faces.min() >= 0 and faces.max() < head.mean.shape[0]
-  assert len(np.unique(faces)) == head.mean.shape[0]   # no unused vertices
+  assert len(np.unique(faces)) == head.mean.shape[0]  # no unused vertices
   assert uv_faces.shape == faces.shape
   assert uv_faces.min() >= 0 and uv_faces.max() < uvs.shape[0]
-  assert uvs.shape[0] >= head.mean.shape[0]            # seams are split
+  assert uvs.shape[0] >= head.mean.shape[0]  # seams are split
   assert uvs.min() >= 0.0 and uvs.max() <= 1.0
   # No uv triangle wraps around the seam.
   span = np.ptp(uvs[uv_faces][..., 0], axis=1)
@@ -134,19 +136,33 @@ def test_random_heads_stay_sane(head):
 # ---------------------------------------------------------------------------------------
 # npz files and errors.
 
+
 def _small_arrays(k=3):
   mean = np.array([[0, 0, 0], [2, 0, 0], [0, 2, 0], [0, 0, 2]], np.float32)
   faces = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], np.int32)
   basis = np.random.default_rng(0).normal(size=(k, 4, 3)).astype(np.float32)
   uvs = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32)
-  return dict(mean=mean, basis=basis, faces=faces, uvs=uvs, uv_faces=faces,
-              names=np.array(["a", "b", "c"][:k]))
+  return dict(
+    mean=mean,
+    basis=basis,
+    faces=faces,
+    uvs=uvs,
+    uv_faces=faces,
+    names=np.array(["a", "b", "c"][:k]),
+  )
 
 
 def test_npz_round_trip(tmp_path, head):
   path = tmp_path / "head.npz"
-  np.savez_compressed(path, mean=head.mean, basis=head.basis, faces=head.faces, uvs=head.uvs,
-                      uv_faces=head.uv_faces, names=np.array(head.names))
+  np.savez_compressed(
+    path,
+    mean=head.mean,
+    basis=head.basis,
+    faces=head.faces,
+    uvs=head.uvs,
+    uv_faces=head.uv_faces,
+    names=np.array(head.names),
+  )
   again = morphable.load_model(str(path), 10)
   np.testing.assert_allclose(again.mean, head.mean, atol=1e-6)
   np.testing.assert_allclose(again.basis, head.basis[:10], atol=1e-6)
@@ -177,7 +193,9 @@ def test_npz_without_uvs_gets_spherical_uvs(tmp_path):
   assert float(model.uvs.min()) >= 0 and float(model.uvs.max()) <= 1
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     (dict(mean=np.full((4, 3), np.nan, np.float32)), "NaN"),
     (dict(basis=np.zeros((3, 5, 3), np.float32)), "expected (K, 4, 3)"),
     (dict(mean=np.zeros((4, 2), np.float32)), "'mean' has shape"),
@@ -185,13 +203,16 @@ def test_npz_without_uvs_gets_spherical_uvs(tmp_path):
     (dict(faces=np.zeros((4, 3), np.float32)), "expected integers"),
     (dict(uvs=np.full((4, 2), 3.0, np.float32)), "[0, 1]"),
     (dict(names=np.array(["a"])), "'names' has 1 entries"),
-])
+  ],
+)
 def test_bad_npz_is_a_model_file_error(tmp_path, change, message):
   arrays = {**_small_arrays(), **change}
   path = tmp_path / "bad.npz"
   np.savez(path, **arrays)
-  with pytest.raises(ModelFileError, match=message.replace("(", r"\(").replace(")", r"\)")
-                     .replace("[", r"\[").replace("]", r"\]")):
+  with pytest.raises(
+    ModelFileError,
+    match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]"),
+  ):
     morphable.load_model(str(path), 3)
 
 
@@ -226,20 +247,20 @@ def test_errors_are_one_line(tmp_path):
 # ---------------------------------------------------------------------------------------
 # FLAME, without chumpy.
 
+
 def _fake_flame(tmp_path, num_vertices=60, num_shape=400, protocol=2):
   """Writes a pickle laid out like FLAME's generic_model.pkl; returns its arrays."""
   rng = np.random.default_rng(3)
   v_template = rng.normal(size=(num_vertices, 3)) * np.array([0.07, 0.1, 0.08])
-  v_template[:, 1] += 0.02    # FLAME is not centred
+  v_template[:, 1] += 0.02  # FLAME is not centred
   faces = rng.integers(0, num_vertices, size=(2 * num_vertices, 3)).astype(np.uint32)
   shapedirs = rng.normal(size=(num_vertices, 3, num_shape)) * 1e-3
-  j_regressor = scipy.sparse.random(5, num_vertices, density=0.2, format="csc",
-                                    random_state=4)
+  j_regressor = scipy.sparse.random(5, num_vertices, density=0.2, format="csc", random_state=4)
 
   chumpy = types.ModuleType("chumpy")
   chumpy_ch = types.ModuleType("chumpy.ch")
 
-  class Ch:   # what matters is the pickled name and the state dict with 'x'
+  class Ch:  # what matters is the pickled name and the state dict with 'x'
     pass
 
   Ch.__module__, Ch.__qualname__ = "chumpy.ch", "Ch"
@@ -250,11 +271,16 @@ def _fake_flame(tmp_path, num_vertices=60, num_shape=400, protocol=2):
   sys.modules["chumpy"], sys.modules["chumpy.ch"] = chumpy, chumpy_ch
   try:
     data = {
-        "v_template": v_template, "f": faces, "shapedirs": shapedirs_ch,
-        "posedirs": rng.normal(size=(num_vertices, 3, 36)), "J_regressor": j_regressor,
-        "weights": rng.random((num_vertices, 5)), "kintree_table": np.array(
-            [[4294967295, 0, 1, 1, 1], [0, 1, 2, 3, 4]], np.int64),
-        "J": rng.normal(size=(5, 3)), "bs_style": "lbs", "bs_type": "lrotmin",
+      "v_template": v_template,
+      "f": faces,
+      "shapedirs": shapedirs_ch,
+      "posedirs": rng.normal(size=(num_vertices, 3, 36)),
+      "J_regressor": j_regressor,
+      "weights": rng.random((num_vertices, 5)),
+      "kintree_table": np.array([[4294967295, 0, 1, 1, 1], [0, 1, 2, 3, 4]], np.int64),
+      "J": rng.normal(size=(5, 3)),
+      "bs_style": "lbs",
+      "bs_type": "lrotmin",
     }
     path = tmp_path / "generic_model.pkl"
     path.write_bytes(pickle.dumps(data, protocol=protocol))
@@ -271,7 +297,7 @@ def _block_chumpy(monkeypatch):
     importlib.import_module("chumpy")
 
 
-@pytest.mark.parametrize("protocol", [2, 1])   # 1: objects via copyreg._reconstructor
+@pytest.mark.parametrize("protocol", [2, 1])  # 1: objects via copyreg._reconstructor
 def test_flame_loads_without_chumpy(tmp_path, monkeypatch, protocol):
   path, v_template, faces, shapedirs = _fake_flame(tmp_path, protocol=protocol)
   _block_chumpy(monkeypatch)
@@ -279,8 +305,9 @@ def test_flame_loads_without_chumpy(tmp_path, monkeypatch, protocol):
   centre = 0.5 * (v_template.min(0) + v_template.max(0))
   scale = 1.0 / np.linalg.norm(v_template - centre, axis=1).max()
   np.testing.assert_allclose(model.mean, (v_template - centre) * scale, atol=1e-5)
-  np.testing.assert_allclose(model.basis, shapedirs[:, :, :20].transpose(2, 0, 1) * scale,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    model.basis, shapedirs[:, :, :20].transpose(2, 0, 1) * scale, rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_array_equal(model.faces, faces.astype(np.int32))
   assert model.names[0] == "flame_shape_000" and len(model.names) == 20
   # No UV file beside it: spherical fallback.
@@ -289,14 +316,19 @@ def test_flame_loads_without_chumpy(tmp_path, monkeypatch, protocol):
   w = jnp.arange(20, dtype=jnp.float32) / 20
   expected = (v_template + shapedirs[:, :, :20] @ np.asarray(w) - centre) * scale
   np.testing.assert_allclose(morphable.vertices(model, w), expected, atol=1e-5)
-  assert sys.modules["chumpy"] is None   # nothing imported chumpy behind our back
+  assert sys.modules["chumpy"] is None  # nothing imported chumpy behind our back
 
 
 def test_flame_uv_file_and_component_limits(tmp_path):
   path, v_template, faces, _ = _fake_flame(tmp_path, num_shape=120)
   vt = np.random.default_rng(5).random((len(v_template) + 7, 2))
-  np.savez(tmp_path / "FLAME_texture.npz", vt=vt, ft=faces.astype(np.int64),
-           mean=np.zeros(3), tex_dir=np.zeros(3))
+  np.savez(
+    tmp_path / "FLAME_texture.npz",
+    vt=vt,
+    ft=faces.astype(np.int64),
+    mean=np.zeros(3),
+    tex_dir=np.zeros(3),
+  )
   model = morphable.load_model(f"flame:{path}", 5)
   np.testing.assert_allclose(model.uvs, vt, atol=1e-6)
   np.testing.assert_array_equal(model.uv_faces, faces.astype(np.int32))

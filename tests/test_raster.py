@@ -30,11 +30,20 @@ def _head_mesh():
     morphable = None
   if morphable is not None and HEAD_FILE.exists():
     model = morphable.load_model("builtin", num_components=4)
-    return (np.asarray(model.mean, np.float64), np.asarray(model.faces, np.int32),
-            np.asarray(model.uvs), np.asarray(model.uv_faces, np.int32))
+    return (
+      np.asarray(model.mean, np.float64),
+      np.asarray(model.faces, np.int32),
+      np.asarray(model.uvs),
+      np.asarray(model.uv_faces, np.int32),
+    )
   verts, faces = _sphere(4)
-  uvs = np.stack([0.5 + np.arctan2(verts[:, 0], verts[:, 2]) / (2 * np.pi),
-                  0.5 + np.arcsin(np.clip(verts[:, 1], -1, 1)) / np.pi], -1)
+  uvs = np.stack(
+    [
+      0.5 + np.arctan2(verts[:, 0], verts[:, 2]) / (2 * np.pi),
+      0.5 + np.arcsin(np.clip(verts[:, 1], -1, 1)) / np.pi,
+    ],
+    -1,
+  )
   return verts, faces, uvs, faces
 
 
@@ -48,11 +57,13 @@ def test_finite_differences_vertices_and_texture():
     verts, faces = _sphere(2, radius=0.9)
     rng = np.random.default_rng(0)
     # A tiny linear basis: stretch, shift and a smooth bump field.
-    basis = np.stack([
+    basis = np.stack(
+      [
         verts * np.array([0.3, 0.0, 0.0]),
         np.tile([0.0, 0.2, 0.1], (len(verts), 1)),
         0.2 * np.sin(3.0 * verts[:, [1, 2, 0]]),
-    ])
+      ]
+    )
     mean, basis = jnp.asarray(verts), jnp.asarray(basis)
     faces = jnp.asarray(faces)
     uvs = jnp.asarray(0.5 + 0.45 * verts[:, :2])
@@ -61,23 +72,35 @@ def test_finite_differences_vertices_and_texture():
     light = camera_lib.default_light(direction=jnp.array([0.3, 0.5, 1.0]))
     # σ about a pixel² so silhouettes span a few pixels; K and C large enough that the
     # selection does not change under the finite-difference steps.
-    settings = raster.RasterSettings(image_size=32, sigma=2e-3, gamma=1e-2,
-                                     faces_per_pixel=16, max_faces_per_bin=320)
+    settings = raster.RasterSettings(
+      image_size=32, sigma=2e-3, gamma=1e-2, faces_per_pixel=16, max_faces_per_bin=320
+    )
     target = jnp.asarray(rng.uniform(0.0, 1.0, (32, 32, 3)))
     pixel_weights = jnp.asarray(rng.uniform(0.5, 1.5, (32, 32)))
 
     def loss(weights, tex):
       v = mean + jnp.tensordot(weights, basis, axes=1)
-      out = shading.render_soft(v, faces, cam, light, settings, texture=tex, uvs=uvs,
-                                uv_faces=faces, background=(0.1, 0.2, 0.3))
-      return (jnp.sum((out.rgb - target) ** 2)
-              + jnp.sum(pixel_weights * out.alpha))  # alpha: silhouette pixels only
+      out = shading.render_soft(
+        v,
+        faces,
+        cam,
+        light,
+        settings,
+        texture=tex,
+        uvs=uvs,
+        uv_faces=faces,
+        background=(0.1, 0.2, 0.3),
+      )
+      return jnp.sum((out.rgb - target) ** 2) + jnp.sum(
+        pixel_weights * out.alpha
+      )  # alpha: silhouette pixels only
 
     weights0 = jnp.array([0.1, -0.2, 0.3])
     loss_jit = jax.jit(loss)
     grad_w, grad_t = jax.jit(jax.grad(loss, argnums=(0, 1)))(weights0, texture)
     out = jax.jit(shading.render_soft, static_argnums=4)(
-        mean + jnp.tensordot(weights0, basis, axes=1), faces, cam, light, settings)
+      mean + jnp.tensordot(weights0, basis, axes=1), faces, cam, light, settings
+    )
     edge = np.asarray((out.alpha > 0.01) & (out.alpha < 0.99))
     assert edge.sum() > 50  # the loss really sees silhouette pixels
 
@@ -88,12 +111,15 @@ def test_finite_differences_vertices_and_texture():
       assert _relative_error(float(fd), float(grad_w[i])) < 0.02, (i, fd, grad_w[i])
     # A random direction in weight space and in texture space.
     direction = jnp.asarray(rng.normal(size=3))
-    fd = (loss_jit(weights0 + h * direction, texture)
-          - loss_jit(weights0 - h * direction, texture)) / (2 * h)
+    fd = (
+      loss_jit(weights0 + h * direction, texture) - loss_jit(weights0 - h * direction, texture)
+    ) / (2 * h)
     assert _relative_error(float(fd), float(grad_w @ direction)) < 0.02
     tex_direction = jnp.asarray(rng.normal(size=texture.shape))
-    fd = (loss_jit(weights0, texture + h * tex_direction)
-          - loss_jit(weights0, texture - h * tex_direction)) / (2 * h)
+    fd = (
+      loss_jit(weights0, texture + h * tex_direction)
+      - loss_jit(weights0, texture - h * tex_direction)
+    ) / (2 * h)
     assert _relative_error(float(fd), float(jnp.sum(grad_t * tex_direction))) < 0.02
     assert float(jnp.abs(grad_t).sum()) > 0
 
@@ -106,8 +132,9 @@ def test_silhouette_gradient_moves_the_edge():
     settings = raster.RasterSettings(image_size=32, sigma=2e-3)
 
     def area(scale):
-      alpha, _ = raster.soft_silhouette(jnp.asarray(verts) * scale, jnp.asarray(faces), cam,
-                                        settings)
+      alpha, _ = raster.soft_silhouette(
+        jnp.asarray(verts) * scale, jnp.asarray(faces), cam, settings
+      )
       return jnp.sum(alpha)
 
     grad = jax.jit(jax.grad(area))(1.0)
@@ -129,7 +156,8 @@ def test_sphere_silhouette_area(sigma):
   cam = camera_lib.orbit_camera(10.0, 20.0, distance, fov_deg=fov)
   settings = raster.RasterSettings(image_size=64, sigma=sigma)
   alpha, overflow = jax.jit(raster.soft_silhouette, static_argnums=3)(
-      jnp.asarray(verts, jnp.float32), jnp.asarray(faces), cam, settings)
+    jnp.asarray(verts, jnp.float32), jnp.asarray(faces), cam, settings
+  )
   assert int(overflow) == 0
   focal = 1.0 / np.tan(np.deg2rad(fov) / 2)
   ndc_radius = focal * radius / np.sqrt(distance**2 - radius**2)
@@ -143,8 +171,12 @@ def test_depth_matches_ray_cast():
   cam = camera_lib.orbit_camera(30.0, 10.0, 2.8, fov_deg=40.0)
   settings = raster.RasterSettings(image_size=64)
   out = jax.jit(shading.render_soft, static_argnums=4)(
-      jnp.asarray(verts, jnp.float32), jnp.asarray(faces), cam,
-      camera_lib.default_light(cam), settings)
+    jnp.asarray(verts, jnp.float32),
+    jnp.asarray(faces),
+    cam,
+    camera_lib.default_light(cam),
+    settings,
+  )
   assert int(out.overflow) == 0
   # Rays from the eye through the pixel centres.
   centers = np.asarray(camera_lib.pixel_centers(64)).reshape(-1, 2)
@@ -156,7 +188,8 @@ def test_depth_matches_ray_cast():
   mesh = trimesh.Trimesh(verts, faces, process=False)
   intersector = trimesh.ray.ray_triangle.RayMeshIntersector(mesh)
   locations, ray_ids, _ = intersector.intersects_location(
-      np.tile(eye, (len(dirs), 1)), dirs, multiple_hits=False)
+    np.tile(eye, (len(dirs), 1)), dirs, multiple_hits=False
+  )
   ref = np.zeros(len(dirs))
   forward = -rotation[2]
   ref[ray_ids] = (locations - eye) @ forward  # distance along −z, not ray length
@@ -169,8 +202,7 @@ def test_depth_matches_ray_cast():
   rel = np.abs(depth[both] - ref[both]) / ref[both]
   assert np.quantile(rel, 0.99) < 1e-4 and rel.max() < 2e-2
   # Normals are unit where covered.
-  np.testing.assert_allclose(np.linalg.norm(np.asarray(out.normals)[hit], axis=-1), 1.0,
-                             atol=1e-4)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out.normals)[hit], axis=-1), 1.0, atol=1e-4)
 
 
 def test_vmap_over_cameras_and_vertex_sets_matches_loop():
@@ -178,8 +210,10 @@ def test_vmap_over_cameras_and_vertex_sets_matches_loop():
   verts = jnp.asarray(verts, jnp.float32)
   faces = jnp.asarray(faces)
   settings = raster.RasterSettings(image_size=24, sigma=1e-3)
-  cams = [camera_lib.orbit_camera(a, e, d, f) for a, e, d, f in
-          [(0, 0, 3, 40), (60, 10, 2.8, 35), (170, 30, 3.2, 45), (-80, -10, 3.0, 40)]]
+  cams = [
+    camera_lib.orbit_camera(a, e, d, f)
+    for a, e, d, f in [(0, 0, 3, 40), (60, 10, 2.8, 35), (170, 30, 3.2, 45), (-80, -10, 3.0, 40)]
+  ]
   cam_batch = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *cams)
   light = camera_lib.default_light(direction=jnp.array([0.2, 0.6, 1.0]))
   render = jax.jit(lambda v, c: shading.render_soft(v, faces, c, light, settings))
@@ -212,17 +246,20 @@ def test_overflow_is_counted_and_nearest_faces_survive():
   # [−1, 0] × [0, 1], around NDC (−0.5, 0.5).
   verts = verts + jnp.array([-1.5, 1.5, 0.0])
   cam = camera_lib.orbit_camera(0.0, 0.0, 3.0, fov_deg=90.0)  # focal 1: ndc = xy / 3
-  settings = raster.RasterSettings(image_size=16, sigma=1e-5, bin_size=8,
-                                   max_faces_per_bin=16, faces_per_pixel=4)
-  select = jax.jit(lambda s: raster.select_faces(
-      raster.project_mesh(verts, faces, cam, s), s), static_argnums=0)
+  settings = raster.RasterSettings(
+    image_size=16, sigma=1e-5, bin_size=8, max_faces_per_bin=16, faces_per_pixel=4
+  )
+  select = jax.jit(
+    lambda s: raster.select_faces(raster.project_mesh(verts, faces, cam, s), s), static_argnums=0
+  )
   ids, overflow = select(settings)
   assert int(overflow) == n - 16
   # The nearest face still covers the stack's centre pixel: no hole.
   covered = np.asarray(ids[..., 0]) == 0
   assert covered.sum() >= 1
   out = jax.jit(shading.render_soft, static_argnums=4)(
-      verts, faces, cam, camera_lib.default_light(cam), settings)
+    verts, faces, cam, camera_lib.default_light(cam), settings
+  )
   assert int(out.overflow) == n - 16
   np.testing.assert_allclose(np.asarray(out.alpha)[covered], 1.0, atol=1e-6)
   # With room for all faces there is no overflow.
@@ -239,9 +276,16 @@ def test_render_head_defaults_and_texture():
 
   @jax.jit
   def render(v, tex, light):
-    return shading.render_soft(v, jnp.asarray(faces), cam, light, settings, texture=tex,
-                               uvs=jnp.asarray(uvs, jnp.float32),
-                               uv_faces=jnp.asarray(uv_faces))
+    return shading.render_soft(
+      v,
+      jnp.asarray(faces),
+      cam,
+      light,
+      settings,
+      texture=tex,
+      uvs=jnp.asarray(uvs, jnp.float32),
+      uv_faces=jnp.asarray(uv_faces),
+    )
 
   out = render(jnp.asarray(verts, jnp.float32), texture, light)
   assert int(out.overflow) == 0
@@ -255,8 +299,7 @@ def test_render_head_defaults_and_texture():
   ratio = rgb[inside][:, 1] / rgb[inside][:, 0]
   np.testing.assert_allclose(np.median(ratio), 0.5 / 0.8, rtol=1e-3)
   # Textureless lights use the grey albedo instead.
-  grey = render(jnp.asarray(verts, jnp.float32), texture,
-                light.replace(textureless=jnp.ones(())))
+  grey = render(jnp.asarray(verts, jnp.float32), texture, light.replace(textureless=jnp.ones(())))
   grey_rgb = np.asarray(grey.rgb)[inside]
   np.testing.assert_allclose(grey_rgb[:, 0], grey_rgb[:, 2], atol=1e-5)
 
@@ -265,5 +308,6 @@ def test_sample_texture_bilinear():
   texture = jnp.arange(2 * 2 * 1, dtype=jnp.float32).reshape(2, 2, 1)  # [[0, 1], [2, 3]]
   # Texel centres: (u, v) = (0.25, 0.75) is the top-left texel (row 0, v up).
   uv = jnp.array([[0.25, 0.75], [0.75, 0.75], [0.25, 0.25], [0.5, 0.5], [0.0, 1.0]])
-  np.testing.assert_allclose(shading.sample_texture(texture, uv)[:, 0],
-                             [0.0, 1.0, 2.0, 1.5, 0.0], atol=1e-6)
+  np.testing.assert_allclose(
+    shading.sample_texture(texture, uv)[:, 0], [0.0, 1.0, 2.0, 1.5, 0.0], atol=1e-6
+  )

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save_file
 
 from sdsjax.errors import CheckpointError
 from sdsjax.models import hub
@@ -64,7 +65,7 @@ def test_tiny_random_loads(sd, tiny_cache):
   assert z.shape == (2, 8, 8, 4) and z.dtype == jnp.float32
   eps = sd.predict_noise(sd.params["unet"], z, jnp.array([10, 900]), emb)
   assert eps.shape == z.shape and bool(jnp.all(jnp.isfinite(eps)))
-  assert 0.05 < float(jnp.std(eps)) < 20.0        # O(1) activations
+  assert 0.05 < float(jnp.std(eps)) < 20.0  # O(1) activations
   image = sd.decode_latents(sd.params["vae"], z)
   assert image.shape == (2, 64, 64, 3)
   assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
@@ -76,8 +77,13 @@ def test_tiny_random_loads(sd, tiny_cache):
 def test_tiny_random_is_deterministic(sd, tmp_path):
   a = tiny_random.write_tiny_random(tmp_path / "a")
   b = tiny_random.write_tiny_random(tmp_path / "b")
-  for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-              "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+  for rel in (
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+  ):
     assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     assert (a / rel).read_bytes() == (sd.folder / rel).read_bytes(), rel
   loaded = sd_lib.load_stable_diffusion(b)
@@ -89,15 +95,20 @@ def test_tiny_random_loads_in_pytorch(sd):
   diffusers = pytest.importorskip("diffusers")
   transformers = pytest.importorskip("transformers")
   del torch
-  for cls, sub in ((diffusers.UNet2DConditionModel, "unet"), (diffusers.AutoencoderKL, "vae"),
-                   (transformers.CLIPTextModel, "text_encoder")):
+  for cls, sub in (
+    (diffusers.UNet2DConditionModel, "unet"),
+    (diffusers.AutoencoderKL, "vae"),
+    (transformers.CLIPTextModel, "text_encoder"),
+  ):
     _, info = cls.from_pretrained(sd.folder / sub, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (
-        sub, info)
+      sub,
+      info,
+    )
   tokenizer = transformers.CLIPTokenizer.from_pretrained(sd.folder / "tokenizer")
   ids = tokenizer("a photo of an old man")["input_ids"]
   assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
-  assert len(ids) == 2 + 6     # whole words are single tokens in the tiny vocabulary
+  assert len(ids) == 2 + 6  # whole words are single tokens in the tiny vocabulary
 
 
 def test_encode_text_matches_transformers(sd):
@@ -126,7 +137,7 @@ def test_gradients_flow_through_encode_image(sd):
   assert float(jnp.abs(grad).max()) > 0.0
   direction = jax.random.normal(jax.random.PRNGKey(2), images.shape)
   direction = direction / jnp.linalg.norm(direction)
-  step = 3e-2   # fp32: large enough that rounding noise stays far below 1e-2 relative
+  step = 3e-2  # fp32: large enough that rounding noise stays far below 1e-2 relative
   f = jax.jit(scalar)
   finite_difference = (f(images + step * direction) - f(images - step * direction)) / (2 * step)
   analytic = jnp.vdot(grad, direction)
@@ -154,20 +165,24 @@ def test_missing_tensor_names_the_key(folder_copy):
 def test_misshaped_tensor_names_the_key(folder_copy):
   def edit(state):
     state[UNET_KEY] = np.zeros((32, 31), np.float32)
+
   rewrite_unet(folder_copy, edit)
   with pytest.raises(CheckpointError) as excinfo:
     sd_lib.load_stable_diffusion(folder_copy)
   assert_one_line_error(excinfo, UNET_KEY, "unet")
 
 
-@pytest.mark.parametrize("remove, named", [
+@pytest.mark.parametrize(
+  "remove, named",
+  [
     ("vae", "vae/"),
     ("tokenizer", "tokenizer/"),
     ("unet/config.json", "unet/config.json"),
     ("scheduler/scheduler_config.json", "scheduler/scheduler_config.json"),
     ("text_encoder/model.safetensors", "model.safetensors"),
     ("tokenizer/merges.txt", "tokenizer/merges.txt"),
-])
+  ],
+)
 def test_incomplete_folder_names_what_is_missing(folder_copy, remove, named):
   target = folder_copy / remove
   shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -206,23 +221,29 @@ def test_truncated_safetensors(folder_copy):
 def test_fp16_variant_sharded_and_bfloat16(sd, folder_copy):
   torch = pytest.importorskip("torch")
   from safetensors.torch import save_file as save_torch
+
   # unet: only the fp16 variant file.
   unet_path = folder_copy / "unet" / "diffusion_pytorch_model.safetensors"
   state = load_file(str(unet_path))
-  save_file({k: v.astype(np.float16) for k, v in state.items()},
-            str(folder_copy / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+  save_file(
+    {k: v.astype(np.float16) for k, v in state.items()},
+    str(folder_copy / "unet" / "diffusion_pytorch_model.fp16.safetensors"),
+  )
   unet_path.unlink()
   # text_encoder: two shards and an index.
   te_path = folder_copy / "text_encoder" / "model.safetensors"
   state = load_file(str(te_path))
   keys = sorted(state)
-  shards = {"model-00001-of-00002.safetensors": keys[::2],
-            "model-00002-of-00002.safetensors": keys[1::2]}
+  shards = {
+    "model-00001-of-00002.safetensors": keys[::2],
+    "model-00002-of-00002.safetensors": keys[1::2],
+  }
   for name, shard_keys in shards.items():
     save_file({k: state[k] for k in shard_keys}, str(folder_copy / "text_encoder" / name))
   weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
   (folder_copy / "text_encoder" / "model.safetensors.index.json").write_text(
-      json.dumps({"metadata": {}, "weight_map": weight_map}))
+    json.dumps({"metadata": {}, "weight_map": weight_map})
+  )
   te_path.unlink()
   # vae: bfloat16, which numpy cannot read natively.
   vae_path = folder_copy / "vae" / "diffusion_pytorch_model.safetensors"
@@ -230,12 +251,19 @@ def test_fp16_variant_sharded_and_bfloat16(sd, folder_copy):
   save_torch({k: torch.from_numpy(v).bfloat16() for k, v in state.items()}, str(vae_path))
 
   loaded = sd_lib.load_stable_diffusion(folder_copy)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3),
-               loaded.params["unet"], sd.params["unet"])
-  jax.tree.map(np.testing.assert_array_equal, loaded.params["text_encoder"],
-               sd.params["text_encoder"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2),
-               loaded.params["vae"], sd.params["vae"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3),
+    loaded.params["unet"],
+    sd.params["unet"],
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal, loaded.params["text_encoder"], sd.params["text_encoder"]
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2),
+    loaded.params["vae"],
+    sd.params["vae"],
+  )
 
   # A shard the index names but that is missing.
   (folder_copy / "text_encoder" / "model-00002-of-00002.safetensors").unlink()
@@ -252,6 +280,7 @@ def test_fp16_variant_sharded_and_bfloat16(sd, folder_copy):
 def empty_hub(tmp_path, monkeypatch):
   """An empty Hugging Face cache; the network is off and every attempt to use it fails loudly."""
   import huggingface_hub.constants
+
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -271,8 +300,9 @@ def test_offline_without_cache_says_what_to_download(empty_hub):
   repo = "stabilityai/stable-diffusion-2-1-base"
   with pytest.raises(CheckpointError) as excinfo:
     sd_lib.load_stable_diffusion(repo)
-  message = assert_one_line_error(excinfo, f"hf download {repo}", "--model /path/to/folder",
-                                  "text_encoder/model.safetensors")
+  message = assert_one_line_error(
+    excinfo, f"hf download {repo}", "--model /path/to/folder", "text_encoder/model.safetensors"
+  )
   assert ".bin" not in message
 
 
@@ -285,8 +315,11 @@ def test_unreachable_hub_says_what_to_download(empty_hub, monkeypatch):
   monkeypatch.setattr(hub, "_snapshot", no_network)
   with pytest.raises(CheckpointError) as excinfo:
     sd_lib.load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
-  assert_one_line_error(excinfo, "cannot reach the Hugging Face Hub",
-                        "hf download stable-diffusion-v1-5/stable-diffusion-v1-5")
+  assert_one_line_error(
+    excinfo,
+    "cannot reach the Hugging Face Hub",
+    "hf download stable-diffusion-v1-5/stable-diffusion-v1-5",
+  )
 
 
 def test_hub_id_found_in_cache(sd, empty_hub):
@@ -308,36 +341,58 @@ def test_hub_id_found_in_cache(sd, empty_hub):
 
 def test_download_patterns_skip_pickles_and_extras():
   import fnmatch
+
   patterns = hub.download_patterns()
 
   def allowed(path):
     return any(fnmatch.fnmatch(path, p) for p in patterns)
 
-  for path in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-               "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
-               "scheduler/scheduler_config.json", "vae/diffusion_pytorch_model.safetensors",
-               "unet/diffusion_pytorch_model-00001-of-00002.safetensors"):
+  for path in (
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "scheduler/scheduler_config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+  ):
     assert allowed(path), path
-  for path in ("unet/diffusion_pytorch_model.bin", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors",
-               "safety_checker/model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-               "unet/diffusion_pytorch_model.non_ema.safetensors",
-               "text_encoder/pytorch_model.bin"):
+  for path in (
+    "unet/diffusion_pytorch_model.bin",
+    "v1-5-pruned.ckpt",
+    "v1-5-pruned.safetensors",
+    "safety_checker/model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "text_encoder/pytorch_model.bin",
+  ):
     assert not allowed(path), path
-  assert any(fnmatch.fnmatch("unet/diffusion_pytorch_model.fp16.safetensors", p)
-             for p in hub.download_patterns(fp16=True))
+  assert any(
+    fnmatch.fnmatch("unet/diffusion_pytorch_model.fp16.safetensors", p)
+    for p in hub.download_patterns(fp16=True)
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Noise schedule and prediction types.
 
 
-@pytest.mark.parametrize("config", [
+@pytest.mark.parametrize(
+  "config",
+  [
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
     dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
     dict(beta_schedule="squaredcos_cap_v2"),
-    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-         rescale_betas_zero_snr=True, num_train_timesteps=500),
-])
+    dict(
+      beta_schedule="scaled_linear",
+      beta_start=0.00085,
+      beta_end=0.012,
+      rescale_betas_zero_snr=True,
+      num_train_timesteps=500,
+    ),
+  ],
+)
 def test_alphas_cumprod_match_diffusers(config):
   diffusers = pytest.importorskip("diffusers")
   reference = diffusers.DDPMScheduler(**config).alphas_cumprod.numpy()
@@ -367,7 +422,7 @@ def test_v_prediction_converted_to_epsilon(sd, folder_copy):
   abar = sd.alphas_cumprod.astype(np.float64)[np.asarray(t)][:, None, None, None]
   expected = np.sqrt(abar) * v + np.sqrt(1.0 - abar) * np.asarray(z_t, np.float64)
   np.testing.assert_allclose(eps, expected, rtol=1e-5, atol=1e-5)
-  assert np.abs(eps - v).max() > 1e-2     # the conversion did something
+  assert np.abs(eps - v).max() > 1e-2  # the conversion did something
 
   # The formula recovers the ε that made z_t from a clean x_0.
   x0, noise = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 8, 8, 4))

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
 
 from sdsjax.models import stable_diffusion as sd_lib  # noqa: E402
 from sdsjax.models import tiny_random  # noqa: E402
@@ -26,36 +27,66 @@ from sdsjax.models import tiny_random  # noqa: E402
 TOLERANCE = 1e-4
 
 BLOCKS = dict(
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(32, 32, 64, 64),
-    layers_per_block=2,
-    norm_num_groups=16,
+  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+  block_out_channels=(32, 32, 64, 64),
+  layers_per_block=2,
+  norm_num_groups=16,
 )
 SD15 = dict(
-    unet=dict(BLOCKS, sample_size=16, cross_attention_dim=48, attention_head_dim=8),
-    text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              hidden_act="quick_gelu"),
-    scheduler=dict(prediction_type="epsilon"),
-    pad_token=None,
-    legacy_vae_names=False,
+  unet=dict(BLOCKS, sample_size=16, cross_attention_dim=48, attention_head_dim=8),
+  text=dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    hidden_act="quick_gelu",
+  ),
+  scheduler=dict(prediction_type="epsilon"),
+  pad_token=None,
+  legacy_vae_names=False,
 )
 SD21 = dict(
-    # One layer per block (SD-1.5 above has SD's two) keeps the compile, and the test, short.
-    unet=dict(BLOCKS, sample_size=16, cross_attention_dim=64, attention_head_dim=(2, 4, 4, 8),
-              use_linear_projection=True, upcast_attention=True, layers_per_block=1),
-    text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-              hidden_act="gelu"),
-    scheduler=dict(prediction_type="v_prediction"),
-    pad_token="!",
-    legacy_vae_names=True,
+  # One layer per block (SD-1.5 above has SD's two) keeps the compile, and the test, short.
+  unet=dict(
+    BLOCKS,
+    sample_size=16,
+    cross_attention_dim=64,
+    attention_head_dim=(2, 4, 4, 8),
+    use_linear_projection=True,
+    upcast_attention=True,
+    layers_per_block=1,
+  ),
+  text=dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    hidden_act="gelu",
+  ),
+  scheduler=dict(prediction_type="v_prediction"),
+  pad_token="!",
+  legacy_vae_names=True,
 )
-VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-           block_out_channels=(16, 32, 32, 32), layers_per_block=2, norm_num_groups=8,
-           latent_channels=4, sample_size=64)
-SCHEDULER = dict(_class_name="DDIMScheduler", beta_start=0.00085, beta_end=0.012,
-                 beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False,
-                 set_alpha_to_one=False, steps_offset=1)
+VAE = dict(
+  down_block_types=("DownEncoderBlock2D",) * 4,
+  up_block_types=("UpDecoderBlock2D",) * 4,
+  block_out_channels=(16, 32, 32, 32),
+  layers_per_block=2,
+  norm_num_groups=8,
+  latent_channels=4,
+  sample_size=64,
+)
+SCHEDULER = dict(
+  _class_name="DDIMScheduler",
+  beta_start=0.00085,
+  beta_end=0.012,
+  beta_schedule="scaled_linear",
+  num_train_timesteps=1000,
+  clip_sample=False,
+  set_alpha_to_one=False,
+  steps_offset=1,
+)
 LEGACY_VAE_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
@@ -81,15 +112,21 @@ def write_folder(root, spec, seed):
   unet = randomize(diffusers.UNet2DConditionModel(**spec["unet"]), seed)
   vae = randomize(diffusers.AutoencoderKL(**VAE), seed + 1)
   text_config = transformers.CLIPTextConfig(
-      vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-      eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], **spec["text"])
+    vocab_size=len(vocab),
+    max_position_embeddings=77,
+    bos_token_id=vocab["<|startoftext|>"],
+    eos_token_id=vocab["<|endoftext|>"],
+    pad_token_id=vocab["<|endoftext|>"],
+    **spec["text"],
+  )
   text_encoder = randomize(transformers.CLIPTextModel(text_config), seed + 2)
   unet.save_pretrained(folder / "unet")
   vae.save_pretrained(folder / "vae")
   text_encoder.save_pretrained(folder / "text_encoder")
   (folder / "scheduler").mkdir()
   (folder / "scheduler" / "scheduler_config.json").write_text(
-      json.dumps(dict(SCHEDULER, **spec["scheduler"])))
+    json.dumps(dict(SCHEDULER, **spec["scheduler"]))
+  )
   if spec["legacy_vae_names"]:
     # Checkpoints saved by older diffusers name the VAE attention query/key/value/proj_attn.
     path = folder / "vae" / "diffusion_pytorch_model.safetensors"
@@ -145,8 +182,9 @@ def test_folder_matches_pytorch(name, spec, tmp_path):
     ref_images = nhwc((vae.decode(mean).sample / 2 + 0.5).clamp(0, 1))
   latents = sd.encode_image(sd.params["vae"], jnp.asarray(images))
   errors["vae_latents"] = relative_error(latents, ref_latents)
-  errors["vae_decoded"] = relative_error(sd.decode_latents(sd.params["vae"], ref_latents),
-                                         ref_images)
+  errors["vae_decoded"] = relative_error(
+    sd.decode_latents(sd.params["vae"], ref_latents), ref_images
+  )
 
   # UNet: ε after the prediction-type conversion (v -> ε with diffusers' ᾱ for SD-2.1).
   z_t = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
@@ -161,7 +199,8 @@ def test_folder_matches_pytorch(name, spec, tmp_path):
   else:
     ref_eps = raw
   errors["unet_eps"] = relative_error(
-      sd.predict_noise(sd.params["unet"], jnp.asarray(z_t), jnp.asarray(t), jnp.asarray(emb)),
-      nhwc(ref_eps))
+    sd.predict_noise(sd.params["unet"], jnp.asarray(z_t), jnp.asarray(t), jnp.asarray(emb)),
+    nhwc(ref_eps),
+  )
   print(f"{name}: {time.perf_counter() - start:.1f} s,", {k: f"{v:.2e}" for k, v in errors.items()})
   assert all(v < TOLERANCE for v in errors.values()), errors

@@ -9,7 +9,7 @@ from sdsjax import sds
 
 
 def scaled_linear_alphas_cumprod(n=1000, beta_start=0.00085, beta_end=0.012):
-  betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, n) ** 2
+  betas = np.linspace(beta_start**0.5, beta_end**0.5, n) ** 2
   return np.cumprod(1.0 - betas)
 
 
@@ -19,11 +19,12 @@ def test_weighting_uses_alphas_cumprod():
   w = np.asarray(sds.sds_weight(jnp.asarray(abar[t]), "sds"))
   np.testing.assert_allclose(w, 1.0 - abar[t], rtol=1e-6)
   # The per-step alphas (1 - beta) would give a weight near 0 everywhere: a known bug.
-  per_step_alphas = 1.0 - (np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
+  per_step_alphas = 1.0 - (np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)
   assert np.all(w > 10 * (1.0 - per_step_alphas[t]))
   np.testing.assert_allclose(sds.sds_weight(jnp.asarray(abar[t]), "uniform"), 1.0)
-  np.testing.assert_allclose(sds.sds_weight(jnp.asarray(abar[t]), "fantasia3d"),
-                             np.sqrt(abar[t]) * (1 - abar[t]), rtol=1e-6)
+  np.testing.assert_allclose(
+    sds.sds_weight(jnp.asarray(abar[t]), "fantasia3d"), np.sqrt(abar[t]) * (1 - abar[t]), rtol=1e-6
+  )
   with pytest.raises(ValueError):
     sds.sds_weight(jnp.asarray(abar[t]), "alphas")
 
@@ -76,6 +77,7 @@ def test_sds_gradient_formula_and_no_denoiser_jacobian():
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(residual, expected / (1 - a), rtol=1e-5, atol=1e-5)
   # The UNet Jacobian is cut: differentiating through sds_gradient w.r.t. z gives zero.
-  dz = jax.grad(lambda zz: jnp.sum(sds.sds_gradient(
-      eps_fn, 0.3, zz, t, noise, emb_c, emb_u, abar, 7.5)[0]))(z)
+  dz = jax.grad(
+    lambda zz: jnp.sum(sds.sds_gradient(eps_fn, 0.3, zz, t, noise, emb_c, emb_u, abar, 7.5)[0])
+  )(z)
   assert float(jnp.max(jnp.abs(dz))) == 0.0

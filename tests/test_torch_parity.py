@@ -35,7 +35,7 @@ from benchmarks.torch_baseline import sds_step  # noqa: E402
 
 TINY = ROOT / "configs" / "tiny.yaml"
 PROMPT = "a portrait of an old man"
-NUM_VIEWS = 2   # sds_samples: two views per step, so the mean over samples is checked too
+NUM_VIEWS = 2  # sds_samples: two views per step, so the mean over samples is checked too
 
 
 def rel_err(a, b) -> float:
@@ -51,14 +51,21 @@ def torch_inputs(inputs: fit_step.StepInputs) -> sds_step.SdsInputs:
   """The same draws as sdsjax's StepInputs, in the baseline's layout (NCHW noise)."""
   views = inputs.views
   return sds_step.SdsInputs(
-      cameras=torch_raster.Cameras(world_to_view=to_torch(views.camera.world_to_view),
-                                   focal=to_torch(views.camera.focal),
-                                   eye=to_torch(views.camera.eye)),
-      lights=torch_raster.Lights(direction=to_torch(views.light.direction),
-                                 ambient=to_torch(views.light.ambient),
-                                 diffuse=to_torch(views.light.diffuse)),
-      azimuth=to_torch(views.azimuth), elevation=to_torch(views.elevation),
-      t=to_torch(inputs.t).long(), noise=to_torch(inputs.noise).permute(0, 3, 1, 2).contiguous())
+    cameras=torch_raster.Cameras(
+      world_to_view=to_torch(views.camera.world_to_view),
+      focal=to_torch(views.camera.focal),
+      eye=to_torch(views.camera.eye),
+    ),
+    lights=torch_raster.Lights(
+      direction=to_torch(views.light.direction),
+      ambient=to_torch(views.light.ambient),
+      diffuse=to_torch(views.light.diffuse),
+    ),
+    azimuth=to_torch(views.azimuth),
+    elevation=to_torch(views.elevation),
+    t=to_torch(inputs.t).long(),
+    noise=to_torch(inputs.noise).permute(0, 3, 1, 2).contiguous(),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +78,9 @@ def setup():
   # Step 7 of a run: non-zero t annealing, views drawn by sdsjax's own sampler.
   inputs = fit_step.make_sampler(cfg)(jax.random.PRNGKey(3), 7, len(sd.alphas_cumprod))
   weights = 0.7 * jax.random.normal(jax.random.PRNGKey(1), (cfg.num_components,))
-  return dict(cfg=cfg, sd=sd, parts=parts, head=head, torch_head=torch_head, inputs=inputs,
-              weights=weights)
+  return dict(
+    cfg=cfg, sd=sd, parts=parts, head=head, torch_head=torch_head, inputs=inputs, weights=weights
+  )
 
 
 def test_text_embeddings_match(setup):
@@ -84,8 +92,9 @@ def test_text_embeddings_match(setup):
 
 
 def test_alphas_cumprod_match(setup):
-  np.testing.assert_allclose(setup["parts"].alphas_cumprod.numpy(), setup["sd"].alphas_cumprod,
-                             rtol=2e-6)
+  np.testing.assert_allclose(
+    setup["parts"].alphas_cumprod.numpy(), setup["sd"].alphas_cumprod, rtol=2e-6
+  )
 
 
 @pytest.mark.parametrize("src,dst", [(32, 64), (128, 512), (48, 64)])
@@ -94,14 +103,18 @@ def test_bilinear_upsampling_matches(src, dst):
   image = np.random.default_rng(0).random((2, src, src, 3), np.float32)
   jax_out = jax.image.resize(jnp.asarray(image), (2, dst, dst, 3), method="bilinear")
   torch_out = torch.nn.functional.interpolate(
-      torch.from_numpy(image).permute(0, 3, 1, 2), size=(dst, dst), mode="bilinear",
-      align_corners=False).permute(0, 2, 3, 1)
+    torch.from_numpy(image).permute(0, 3, 1, 2),
+    size=(dst, dst),
+    mode="bilinear",
+    align_corners=False,
+  ).permute(0, 2, 3, 1)
   np.testing.assert_allclose(torch_out.numpy(), np.asarray(jax_out), atol=2e-6)
 
 
 def test_renders_match(setup):
   """The ported rasterizer selects the same faces and renders the same pixels."""
   from sdsjax import raster as jax_raster
+
   cfg, head, inputs, weights = setup["cfg"], setup["head"], setup["inputs"], setup["weights"]
   settings = fit_step.raster_settings(cfg, cfg.render_resolution)
 
@@ -109,10 +122,13 @@ def test_renders_match(setup):
   def jax_render(weights, views):
     def one(view):
       rgb, _ = fit_step.render_view(head, {"weights": weights}, view, settings)
-      projected = jax_raster.project_mesh(morphable.vertices(head, weights), head.faces,
-                                          view.camera, settings)
+      projected = jax_raster.project_mesh(
+        morphable.vertices(head, weights), head.faces, view.camera, settings
+      )
       return rgb, jax_raster.select_faces(projected, settings)[0]
+
     return jax.vmap(one)(views)
+
   jax_rgb, jax_ids = jax_render(weights, inputs.views)
 
   grad = sds_step.SdsGradient(cfg, setup["torch_head"], setup["parts"])
@@ -121,14 +137,15 @@ def test_renders_match(setup):
     w = to_torch(weights)[None]
     torch_rgb = grad.render(w, tin)
     verts = setup["torch_head"].vertices(w).repeat_interleave(NUM_VIEWS, 0)
-    xy, z, valid = torch_raster.project(verts, setup["torch_head"].faces, tin.cameras,
-                                        grad.settings)
+    xy, z, valid = torch_raster.project(
+      verts, setup["torch_head"].faces, tin.cameras, grad.settings
+    )
     torch_ids, _ = torch_raster.select_faces(xy, z, valid, grad.settings)
   # Slot order may differ between exact ties; the set of faces per pixel may not (a float-level
   # near-tie at the K-th slot may flip a few pixels, hence the 0.5% allowance).
   same = np.all(np.sort(np.asarray(jax_ids), -1) == np.sort(torch_ids.numpy(), -1), -1)
   assert same.mean() > 0.995, f"{np.sum(~same)} of {same.size} pixels select other faces"
-  assert float(np.asarray(jax_rgb).std()) > 0.05   # the head is in view
+  assert float(np.asarray(jax_rgb).std()) > 0.05  # the head is in view
   np.testing.assert_allclose(torch_rgb.numpy(), np.asarray(jax_rgb), atol=1e-4)
 
 
@@ -138,7 +155,7 @@ def test_latents_match(setup):
   jax_z = sd.encode_image(sd.params["vae"], jnp.asarray(images))
   grad = sds_step.SdsGradient(setup["cfg"], setup["torch_head"], parts)
   with torch.no_grad():
-    torch_z = grad.encode(torch.from_numpy(images))   # 64² -> 64²: the resize is the identity
+    torch_z = grad.encode(torch.from_numpy(images))  # 64² -> 64²: the resize is the identity
   assert rel_err(torch_z.permute(0, 2, 3, 1).numpy(), jax_z) < 1e-5
 
 
@@ -146,18 +163,23 @@ def test_sds_gradient_parity(setup):
   """The headline check: ‖g_torch − g_jax‖ / ‖g_jax‖ < 1e-3 on the 3DMM weights."""
   cfg, sd, parts = setup["cfg"], setup["sd"], setup["parts"]
   inputs, weights = setup["inputs"], setup["weights"]
-  frozen = fit_step.Frozen(vae_params=sd.params["vae"], unet_params=sd.params["unet"],
-                           alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32))
+  frozen = fit_step.Frozen(
+    vae_params=sd.params["vae"],
+    unet_params=sd.params["unet"],
+    alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32),
+  )
   jax_emb = jnp.asarray(embedding_table(sd.encode_text, [PROMPT], cfg))[0]
-  compute = jax.jit(fit_step.make_gradient_fn(cfg, setup["head"], sd.encode_image,
-                                              sd.predict_noise))
+  compute = jax.jit(
+    fit_step.make_gradient_fn(cfg, setup["head"], sd.encode_image, sd.predict_noise)
+  )
   jax_grads, aux = compute({"weights": weights}, inputs, jax_emb, frozen)
   g_jax = np.asarray(jax_grads["weights"])
 
   torch_emb = sds_step.embedding_table(parts, [PROMPT], cfg.negative_prompt, cfg.view_prompts)
   w = to_torch(weights)[None].requires_grad_(True)
   torch_aux = sds_step.SdsGradient(cfg, setup["torch_head"], parts)(
-      w, torch_inputs(inputs), torch_emb)
+    w, torch_inputs(inputs), torch_emb
+  )
   g_torch = w.grad[0].numpy()
 
   assert np.linalg.norm(g_jax) > 1e-6 and np.all(np.isfinite(g_jax))
@@ -169,8 +191,9 @@ def test_sds_gradient_parity(setup):
 
 def test_optimizer_matches():
   """clip_grad_norm_ -> Adam(weight_decay) == optax clip -> add_decayed_weights -> adam."""
-  cfg = config_lib.load_config(TINY, [dict(lr_schedule="cosine", warmup_steps=3, steps=12,
-                                           grad_clip=1.0, weight_decay=0.05)])
+  cfg = config_lib.load_config(
+    TINY, [dict(lr_schedule="cosine", warmup_steps=3, steps=12, grad_clip=1.0, weight_decay=0.05)]
+  )
   rng = np.random.default_rng(2)
   grads = [rng.normal(size=8).astype(np.float32) * s for s in (0.3, 3.0, 1.0, 10.0, 0.1) * 2]
   opt = fit_step.make_optimizer(cfg)

@@ -34,6 +34,7 @@ DEFAULT_ALBEDO = (0.7, 0.7, 0.7)
 @dataclasses.dataclass(frozen=True)
 class RasterSettings:
   """The same fields and defaults as `sdsjax.raster.RasterSettings` (chunking aside)."""
+
   image_size: int = 128
   sigma: float = 3e-5
   gamma: float = 1e-4
@@ -72,6 +73,7 @@ class RasterSettings:
 @dataclasses.dataclass
 class Cameras:
   """B pinhole cameras: world_to_view (B, 4, 4), focal (B,), eye (B, 3)."""
+
   world_to_view: torch.Tensor
   focal: torch.Tensor
   eye: torch.Tensor
@@ -80,6 +82,7 @@ class Cameras:
 @dataclasses.dataclass
 class Lights:
   """B directional lights: direction (B, 3) towards the light, ambient (B,), diffuse (B,)."""
+
   direction: torch.Tensor
   ambient: torch.Tensor
   diffuse: torch.Tensor
@@ -101,7 +104,7 @@ def look_at(eye: torch.Tensor, fov_deg: torch.Tensor) -> Cameras:
   x_raw = torch.where(degenerate, torch.linalg.cross(fallback, z_axis), x_raw)
   x_axis = _normalize(x_raw, 1e-12)
   y_axis = torch.linalg.cross(z_axis, x_axis)
-  rotation = torch.stack([x_axis, y_axis, z_axis], dim=1)          # (B, 3, 3), rows = axes
+  rotation = torch.stack([x_axis, y_axis, z_axis], dim=1)  # (B, 3, 3), rows = axes
   world_to_view = torch.eye(4, dtype=eye.dtype, device=eye.device).repeat(eye.shape[0], 1, 1)
   world_to_view[:, :3, :3] = rotation
   world_to_view[:, :3, 3] = -(rotation @ eye[:, :, None])[..., 0]
@@ -113,7 +116,8 @@ def orbit_cameras(azimuth_deg, elevation_deg, distance, fov_deg) -> Cameras:
   """(B,) tensors -> cameras on `distance·(cos el sin az, sin el, cos el cos az)`."""
   az, el = torch.deg2rad(azimuth_deg), torch.deg2rad(elevation_deg)
   eye = distance[:, None] * torch.stack(
-      [torch.cos(el) * torch.sin(az), torch.sin(el), torch.cos(el) * torch.cos(az)], -1)
+    [torch.cos(el) * torch.sin(az), torch.sin(el), torch.cos(el) * torch.cos(az)], -1
+  )
   return look_at(eye, fov_deg)
 
 
@@ -128,8 +132,7 @@ def _cross2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
   return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
 
-def project(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras,
-            settings: RasterSettings):
+def project(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras, settings: RasterSettings):
   """Per-face NDC positions (B, F, 3, 2), depths (B, F, 3) and validity (B, F)."""
   rotation = cameras.world_to_view[:, :3, :3]
   translation = cameras.world_to_view[:, :3, 3]
@@ -142,16 +145,16 @@ def project(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras,
   z = depth.index_select(1, index).reshape(depth.shape[0], -1, 3)
   with torch.no_grad():
     area2 = _cross2(xy[..., 1, :] - xy[..., 0, :], xy[..., 2, :] - xy[..., 0, :])
-    valid = ((z > settings.near).all(-1) & (z < settings.far).all(-1)
-             & (area2.abs() > 1e-12))
+    valid = (z > settings.near).all(-1) & (z < settings.far).all(-1) & (area2.abs() > 1e-12)
     if settings.cull_backfaces:
       valid &= area2 > 0
   return xy, z, valid
 
 
 @torch.no_grad()
-def select_faces(xy: torch.Tensor, z: torch.Tensor, valid: torch.Tensor,
-                 settings: RasterSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def select_faces(
+  xy: torch.Tensor, z: torch.Tensor, valid: torch.Tensor, settings: RasterSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
   """Pass 1: (B, S, S, K) face ids (−1 = empty) and (B,) bin overflow."""
   batch, num_faces = xy.shape[:2]
   dtype = xy.dtype
@@ -166,11 +169,11 @@ def select_faces(xy: torch.Tensor, z: torch.Tensor, valid: torch.Tensor,
   p0, p1, p2 = xy[..., 0, :], xy[..., 1, :], xy[..., 2, :]
   area2 = _cross2(p1 - p0, p2 - p0)
   orient = torch.where(area2 >= 0, 1.0, -1.0).to(dtype)
-  edges = torch.roll(xy, -1, dims=2) - xy                          # (B, F, 3, 2)
+  edges = torch.roll(xy, -1, dims=2) - xy  # (B, F, 3, 2)
   lengths = torch.sqrt(torch.clamp((edges * edges).sum(-1), min=1e-30))
   normals = orient[..., None, None] * torch.stack([-edges[..., 1], edges[..., 0]], -1)
-  normals = normals / lengths[..., None]                           # unit, pointing inside
-  offsets = -(normals * xy).sum(-1)                                # (B, F, 3)
+  normals = normals / lengths[..., None]  # unit, pointing inside
+  offsets = -(normals * xy).sum(-1)  # (B, F, 3)
   # Inverse-depth plane w(x, y) = A x + B y + C.
   safe_area2 = torch.where(area2.abs() > 1e-12, area2, torch.ones_like(area2))[..., None]
   q1, q2 = torch.roll(xy, -1, dims=2), torch.roll(xy, -2, dims=2)
@@ -180,7 +183,7 @@ def select_faces(xy: torch.Tensor, z: torch.Tensor, valid: torch.Tensor,
   plane_c = (_cross2(q1, q2) / safe_area2 * inv_z).sum(-1)
   lo = xy.amin(2) - radius
   hi = xy.amax(2) + radius
-  bin_score = torch.where(valid, -z.amin(-1), -torch.inf)          # (B, F)
+  bin_score = torch.where(valid, -z.amin(-1), -torch.inf)  # (B, F)
   pad = max(cands - num_faces, 0)
   if pad:
     bin_score = torch.cat([bin_score, bin_score.new_full((batch, pad), -torch.inf)], 1)
@@ -194,14 +197,17 @@ def select_faces(xy: torch.Tensor, z: torch.Tensor, valid: torch.Tensor,
   x_hi = (2.0 * (tx * tile + tile - 1) + 1.0) / size - 1.0
   y_hi = 1.0 - (2.0 * (ty * tile) + 1.0) / size
   y_lo = 1.0 - (2.0 * (ty * tile + tile - 1) + 1.0) / size
-  overlap = ((lo[:, None, :, 0] <= x_hi[None, :, None].to(dtype))
-             & (hi[:, None, :, 0] >= x_lo[None, :, None].to(dtype))
-             & (lo[:, None, :, 1] <= y_hi[None, :, None].to(dtype))
-             & (hi[:, None, :, 1] >= y_lo[None, :, None].to(dtype)))  # (B, nt, F)
+  overlap = (
+    (lo[:, None, :, 0] <= x_hi[None, :, None].to(dtype))
+    & (hi[:, None, :, 0] >= x_lo[None, :, None].to(dtype))
+    & (lo[:, None, :, 1] <= y_hi[None, :, None].to(dtype))
+    & (hi[:, None, :, 1] >= y_lo[None, :, None].to(dtype))
+  )  # (B, nt, F)
   scores = torch.where(overlap, bin_score[:, None], -torch.inf)
-  overflow = torch.clamp((overlap & (bin_score[:, None] > -torch.inf)).sum(-1) - cands,
-                         min=0).sum(-1)
-  cand_score, cand_ids = _top_k_low_index_ties(scores, cands)                     # (B, nt, C)
+  overflow = torch.clamp((overlap & (bin_score[:, None] > -torch.inf)).sum(-1) - cands, min=0).sum(
+    -1
+  )
+  cand_score, cand_ids = _top_k_low_index_ties(scores, cands)  # (B, nt, C)
   cand_ok = cand_score > -torch.inf
   cand_ids = torch.clamp(cand_ids, max=num_faces - 1)
 
@@ -214,11 +220,12 @@ def select_faces(xy: torch.Tensor, z: torch.Tensor, valid: torch.Tensor,
 
   def gather(table):  # (B, F, ...) -> (B, nt, 1, C, ...)
     flat = cand_ids.reshape(batch, -1)
-    out = torch.gather(table, 1, flat.reshape(batch, -1, *([1] * (table.dim() - 2)))
-                       .expand(-1, -1, *table.shape[2:]))
+    out = torch.gather(
+      table, 1, flat.reshape(batch, -1, *([1] * (table.dim() - 2))).expand(-1, -1, *table.shape[2:])
+    )
     return out.reshape(batch, *cand_ids.shape[1:], *table.shape[2:])[:, :, None]
 
-  n_c, o_c = gather(normals), gather(offsets)                      # (B, nt, 1, C, 3[, 2])
+  n_c, o_c = gather(normals), gather(offsets)  # (B, nt, 1, C, 3[, 2])
   edge_min = None
   for i in range(3):
     e = n_c[..., i, 0] * px + n_c[..., i, 1] * py + o_c[..., i]
@@ -229,7 +236,7 @@ def select_faces(xy: torch.Tensor, z: torch.Tensor, valid: torch.Tensor,
   # Covering faces first, nearest first; then soft neighbours, closest edge first.
   tiered = torch.where(edge_min >= 0, 2.0 + nearness, 1.0 + edge_min / radius)
   score = torch.where(qualifies, tiered, -torch.inf)
-  best, slot = torch.topk(score, k, dim=-1)   # (B, nt, T², K); exact ties improbable
+  best, slot = torch.topk(score, k, dim=-1)  # (B, nt, T², K); exact ties improbable
   ids = torch.gather(cand_ids[:, :, None, :].expand(-1, -1, tile * tile, -1), -1, slot)
   ids = torch.where(best > -torch.inf, ids, -1)
   ids = ids.reshape(batch, per_side, per_side, tile, tile, k).permute(0, 1, 3, 2, 4, 5)
@@ -266,7 +273,8 @@ def _gather_faces(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
   """
   batch, num_faces, width = table.shape
   offsets = (torch.arange(batch, device=ids.device) * num_faces).reshape(
-      batch, *([1] * (ids.dim() - 1)))
+    batch, *([1] * (ids.dim() - 1))
+  )
   flat = table.reshape(batch * num_faces, width).index_select(0, (ids + offsets).reshape(-1))
   return flat.reshape(*ids.shape, width)
 
@@ -280,14 +288,15 @@ def evaluate(xy, z, ids, pixels, settings: RasterSettings):
   """
   dtype = xy.dtype
   used = ids >= 0
-  table = torch.cat([xy.reshape(*xy.shape[:2], 6), z], -1)          # (B, F, 9)
-  gathered = _gather_faces(table, torch.clamp(ids, min=0))          # (B, N, K, 9)
+  table = torch.cat([xy.reshape(*xy.shape[:2], 6), z], -1)  # (B, F, 9)
+  gathered = _gather_faces(table, torch.clamp(ids, min=0))  # (B, N, K, 9)
   # Empty slots see a harmless canonical triangle so no NaN reaches the gradient.
-  canonical = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype=dtype,
-                           device=xy.device)
+  canonical = torch.tensor(
+    [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype=dtype, device=xy.device
+  )
   gathered = torch.where(used[..., None], gathered, canonical)
   x0, y0, x1, y1, x2, y2, z0, z1, z2 = gathered.unbind(-1)
-  px = pixels[None, :, 0:1]                                          # (1, N, 1)
+  px = pixels[None, :, 0:1]  # (1, N, 1)
   py = pixels[None, :, 1:2]
   area2 = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
   area2 = torch.where(area2.abs() > 1e-12, area2, torch.full_like(area2, 1e-12))
@@ -299,19 +308,24 @@ def evaluate(xy, z, ids, pixels, settings: RasterSettings):
   def segment_dist2(ax, ay, bx, by):
     abx, aby = bx - ax, by - ay
     apx, apy = px - ax, py - ay
-    t = torch.clamp((apx * abx + apy * aby) / torch.clamp(abx * abx + aby * aby, min=1e-30),
-                    0.0, 1.0)
+    t = torch.clamp(
+      (apx * abx + apy * aby) / torch.clamp(abx * abx + aby * aby, min=1e-30), 0.0, 1.0
+    )
     dx, dy = apx - t * abx, apy - t * aby
     return dx * dx + dy * dy
 
-  dist2 = torch.minimum(torch.minimum(segment_dist2(x0, y0, x1, y1),
-                                      segment_dist2(x1, y1, x2, y2)),
-                        segment_dist2(x2, y2, x0, y0))
+  dist2 = torch.minimum(
+    torch.minimum(segment_dist2(x0, y0, x1, y1), segment_dist2(x1, y1, x2, y2)),
+    segment_dist2(x2, y2, x0, y0),
+  )
   logit = torch.where(inside, dist2, -dist2) / settings.sigma
   zero = torch.zeros((), dtype=dtype, device=xy.device)
   coverage = torch.where(used, torch.sigmoid(logit), zero)
-  log_coverage = torch.where(used, torch.nn.functional.logsigmoid(logit),
-                             torch.full((), -torch.inf, dtype=dtype, device=xy.device))
+  log_coverage = torch.where(
+    used,
+    torch.nn.functional.logsigmoid(logit),
+    torch.full((), -torch.inf, dtype=dtype, device=xy.device),
+  )
   # Clipped, then perspective-correct barycentrics.
   c0, c1, c2 = torch.clamp(l0, min=0.0), torch.clamp(l1, min=0.0), torch.clamp(l2, min=0.0)
   total = torch.clamp(c0 + c1 + c2, min=1e-12)
@@ -326,12 +340,20 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
   tri = verts.index_select(1, faces.reshape(-1)).reshape(verts.shape[0], -1, 3, 3)
   weighted = torch.linalg.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0])
   sums = torch.zeros_like(verts).index_add(
-      1, faces.reshape(-1), weighted.repeat_interleave(3, dim=1))
+    1, faces.reshape(-1), weighted.repeat_interleave(3, dim=1)
+  )
   return _normalize(sums, 1e-20)
 
 
-def render(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras, lights: Lights,
-           settings: RasterSettings, background=(1.0, 1.0, 1.0), albedo=DEFAULT_ALBEDO):
+def render(
+  verts: torch.Tensor,
+  faces: torch.Tensor,
+  cameras: Cameras,
+  lights: Lights,
+  settings: RasterSettings,
+  background=(1.0, 1.0, 1.0),
+  albedo=DEFAULT_ALBEDO,
+):
   """Soft-rasterizes and shades B views of (B, V, 3) vertices.
 
   Returns:
@@ -347,21 +369,25 @@ def render(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras, lights: L
   bary, depth, coverage, log_coverage, used = evaluate(xy, z, ids, pixels, settings)
 
   # Lambertian shading with interpolated smooth normals and a grey albedo.
-  normal_table = vertex_normals(verts, faces).index_select(1, faces.reshape(-1)).reshape(
-      batch, -1, 9)                                                # (B, F, 3 corners · 3)
+  normal_table = (
+    vertex_normals(verts, faces).index_select(1, faces.reshape(-1)).reshape(batch, -1, 9)
+  )  # (B, F, 3 corners · 3)
   corner = _gather_faces(normal_table, torch.clamp(ids, min=0)).reshape(*ids.shape, 3, 3)
-  normals = _normalize((bary[..., None] * corner).sum(-2), 1e-20)   # (B, N, K, 3)
-  lambert = torch.clamp((normals * lights.direction[:, None, None]).sum(-1, keepdim=True),
-                        min=0.0)
+  normals = _normalize((bary[..., None] * corner).sum(-2), 1e-20)  # (B, N, K, 3)
+  lambert = torch.clamp((normals * lights.direction[:, None, None]).sum(-1, keepdim=True), min=0.0)
   grey = torch.tensor(albedo, dtype=dtype, device=verts.device)
-  colors = grey * (lights.ambient[:, None, None, None]
-                   + lights.diffuse[:, None, None, None] * lambert)
+  colors = grey * (
+    lights.ambient[:, None, None, None] + lights.diffuse[:, None, None, None] * lambert
+  )
 
   # SoftRas softmax over depth in log space, then alpha compositing over the background.
   bg = torch.tensor(background, dtype=dtype, device=verts.device)
   z_n = torch.clamp((settings.far - depth) / (settings.far - settings.near), 0.0, 1.0)
-  logits = torch.where(used, log_coverage + z_n / settings.gamma,
-                       torch.full((), -torch.inf, dtype=dtype, device=verts.device))
+  logits = torch.where(
+    used,
+    log_coverage + z_n / settings.gamma,
+    torch.full((), -torch.inf, dtype=dtype, device=verts.device),
+  )
   bg_logit = settings.eps / settings.gamma
   shift = torch.clamp(logits.amax(-1, keepdim=True), min=bg_logit).detach()
   w = torch.exp(logits - shift)

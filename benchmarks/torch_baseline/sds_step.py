@@ -55,20 +55,24 @@ def configure_precision(device: torch.device) -> None:
 @dataclasses.dataclass
 class StableDiffusionParts:
   """The pipeline parts the SDS step needs, in eval mode with frozen parameters."""
+
   unet: Any
   vae: Any
   text_encoder: Any
   tokenizer: Any
-  alphas_cumprod: torch.Tensor   # (T,) float32
+  alphas_cumprod: torch.Tensor  # (T,) float32
   scaling_factor: float
   prediction_type: str
   dtype: torch.dtype
   device: torch.device
 
 
-def load_parts(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-               compile_models: bool = False,
-               device: torch.device | str | None = None) -> StableDiffusionParts:
+def load_parts(
+  folder: str | os.PathLike,
+  dtype: torch.dtype = torch.float32,
+  compile_models: bool = False,
+  device: torch.device | str | None = None,
+) -> StableDiffusionParts:
   """Loads UNet, VAE, text encoder, tokenizer and scheduler from a diffusers folder.
 
   Args:
@@ -80,40 +84,56 @@ def load_parts(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
       tensors on the device of its inputs.
   """
   device = torch.device(device) if device is not None else default_device()
-  from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-  from transformers import CLIPTextModel, CLIPTokenizer
+  from diffusers import AutoencoderKL
+  from diffusers import DDPMScheduler
+  from diffusers import UNet2DConditionModel
+  from transformers import CLIPTextModel
+  from transformers import CLIPTokenizer
 
   folder = Path(folder)
   unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
   vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-  text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
-                                               torch_dtype=torch.float32)
+  text_encoder = CLIPTextModel.from_pretrained(
+    folder, subfolder="text_encoder", torch_dtype=torch.float32
+  )
   tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
   scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
   for model in (unet, vae, text_encoder):
     model.to(device)
     model.eval()
-    model.requires_grad_(False)   # gradients go to the render only, never to the weights
+    model.requires_grad_(False)  # gradients go to the render only, never to the weights
   if compile_models:
     unet = torch.compile(unet)
     vae.encoder = torch.compile(vae.encoder)
   return StableDiffusionParts(
-      unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-      alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
-      scaling_factor=float(vae.config.scaling_factor),
-      prediction_type=scheduler.config.prediction_type, dtype=dtype, device=device)
+    unet=unet,
+    vae=vae,
+    text_encoder=text_encoder,
+    tokenizer=tokenizer,
+    alphas_cumprod=scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+    scaling_factor=float(vae.config.scaling_factor),
+    prediction_type=scheduler.config.prediction_type,
+    dtype=dtype,
+    device=device,
+  )
 
 
 @torch.no_grad()
 def encode_text(parts: StableDiffusionParts, prompts: list[str]) -> torch.Tensor:
   """(N, L, D) CLIP last_hidden_state (after the final layer norm), padded to max length."""
-  tokens = parts.tokenizer(prompts, padding="max_length", truncation=True,
-                           max_length=parts.tokenizer.model_max_length, return_tensors="pt")
+  tokens = parts.tokenizer(
+    prompts,
+    padding="max_length",
+    truncation=True,
+    max_length=parts.tokenizer.model_max_length,
+    return_tensors="pt",
+  )
   return parts.text_encoder(tokens.input_ids.to(parts.device))[0]
 
 
-def embedding_table(parts: StableDiffusionParts, prompts: list[str], negative: str = "",
-                    with_views: bool = True) -> torch.Tensor:
+def embedding_table(
+  parts: StableDiffusionParts, prompts: list[str], negative: str = "", with_views: bool = True
+) -> torch.Tensor:
   """(P, 5, L, D): per prompt [negative, prompt + each view suffix] (sdsjax's layout)."""
   texts = []
   for p in prompts:
@@ -126,15 +146,18 @@ def embedding_table(parts: StableDiffusionParts, prompts: list[str], negative: s
 @dataclasses.dataclass
 class Head:
   """A linear morphable model: vertices = mean + Σ_k w_k basis_k."""
-  mean: torch.Tensor    # (V, 3)
-  basis: torch.Tensor   # (K, V, 3)
-  faces: torch.Tensor   # (F, 3) int64
+
+  mean: torch.Tensor  # (V, 3)
+  basis: torch.Tensor  # (K, V, 3)
+  faces: torch.Tensor  # (F, 3) int64
 
   @classmethod
-  def from_arrays(cls, mean, basis, faces, device: torch.device | str = "cpu") -> "Head":
-    return cls(mean=torch.tensor(np.asarray(mean, np.float32), device=device),
-               basis=torch.tensor(np.asarray(basis, np.float32), device=device),
-               faces=torch.tensor(np.asarray(faces, np.int64), device=device))
+  def from_arrays(cls, mean, basis, faces, device: torch.device | str = "cpu") -> Head:
+    return cls(
+      mean=torch.tensor(np.asarray(mean, np.float32), device=device),
+      basis=torch.tensor(np.asarray(basis, np.float32), device=device),
+      faces=torch.tensor(np.asarray(faces, np.int64), device=device),
+    )
 
   def vertices(self, weights: torch.Tensor) -> torch.Tensor:
     """(P, K) weights -> (P, V, 3)."""
@@ -146,22 +169,32 @@ class Head:
 @dataclasses.dataclass
 class SdsInputs:
   """The random draws of one step for P prompts × n samples (prompt-major, N = P·n)."""
-  cameras: raster.Cameras    # N cameras
-  lights: raster.Lights      # N lights
-  azimuth: torch.Tensor      # (N,) degrees
-  elevation: torch.Tensor    # (N,) degrees
-  t: torch.Tensor            # (N,) int64
-  noise: torch.Tensor        # (N, 4, h, w)
+
+  cameras: raster.Cameras  # N cameras
+  lights: raster.Lights  # N lights
+  azimuth: torch.Tensor  # (N,) degrees
+  elevation: torch.Tensor  # (N,) degrees
+  t: torch.Tensor  # (N,) int64
+  noise: torch.Tensor  # (N, 4, h, w)
 
 
 def raster_settings(cfg, resolution: int) -> raster.RasterSettings:
-  return raster.RasterSettings(image_size=resolution, sigma=cfg.raster.sigma,
-                               gamma=cfg.raster.gamma,
-                               faces_per_pixel=cfg.raster.faces_per_pixel)
+  return raster.RasterSettings(
+    image_size=resolution,
+    sigma=cfg.raster.sigma,
+    gamma=cfg.raster.gamma,
+    faces_per_pixel=cfg.raster.faces_per_pixel,
+  )
 
 
-def sample_inputs(generator: torch.Generator, cfg, num_prompts: int, step: int,
-                  num_timesteps: int, latent_channels: int = 4) -> SdsInputs:
+def sample_inputs(
+  generator: torch.Generator,
+  cfg,
+  num_prompts: int,
+  step: int,
+  num_timesteps: int,
+  latent_channels: int = 4,
+) -> SdsInputs:
   """DreamFusion-style random views, t and noise with sdsjax's distributions (shape fits).
 
   Azimuth: face-biased truncated normal, uniform with probability back_view_prob; uniform
@@ -178,8 +211,9 @@ def sample_inputs(generator: torch.Generator, cfg, num_prompts: int, step: int,
   spread = max(float(cam.azimuth_spread), 1e-6)
   normal = torch.empty(n, device=dev)
   torch.nn.init.trunc_normal_(normal, 0.0, spread, -180.0, 180.0, generator=g)
-  azimuth = torch.where(torch.rand(n, generator=g, device=dev) < cam.back_view_prob,
-                        uniform(-180.0, 180.0), normal)
+  azimuth = torch.where(
+    torch.rand(n, generator=g, device=dev) < cam.back_view_prob, uniform(-180.0, 180.0), normal
+  )
   azimuth = 180.0 - torch.remainder(180.0 - azimuth, 360.0)
   elevation = uniform(*cam.elevation_range)
   distance = uniform(*cam.distance_range)
@@ -187,9 +221,11 @@ def sample_inputs(generator: torch.Generator, cfg, num_prompts: int, step: int,
   cameras = raster.orbit_cameras(azimuth, elevation, distance, fov)
   position = cameras.eye + torch.randn(n, 3, generator=g, device=dev)
   direction = position / position.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-  lights = raster.Lights(direction=direction,
-                         ambient=torch.full((n,), cfg.light.ambient, device=dev),
-                         diffuse=torch.full((n,), cfg.light.diffuse, device=dev))
+  lights = raster.Lights(
+    direction=direction,
+    ambient=torch.full((n,), cfg.light.ambient, device=dev),
+    diffuse=torch.full((n,), cfg.light.diffuse, device=dev),
+  )
   t_min, t_max = cfg.t_range
   frac = min(max(step / max(cfg.steps - 1, 1), 0.0), 1.0)
   t_hi = t_max + (cfg.t_max_end - t_max) * frac
@@ -197,8 +233,9 @@ def sample_inputs(generator: torch.Generator, cfg, num_prompts: int, step: int,
   t = uniform(lo, hi).long().clamp(0, num_timesteps - 1)
   h = cfg.sd_resolution // 8
   noise = torch.randn(n, latent_channels, h, h, generator=g, device=dev)
-  return SdsInputs(cameras=cameras, lights=lights, azimuth=azimuth, elevation=elevation,
-                   t=t, noise=noise)
+  return SdsInputs(
+    cameras=cameras, lights=lights, azimuth=azimuth, elevation=elevation, t=t, noise=noise
+  )
 
 
 def sds_weight(alpha_bar: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -221,14 +258,14 @@ class SdsGradient:
     self.settings = raster_settings(cfg, cfg.render_resolution)
     # Eager, the rasterizer is a long chain of memory-bound element-wise ops; inductor fuses
     # them (about 10× faster at 128² on CPU), at a compile per batch size.
-    self._render = (torch.compile(raster.render, dynamic=False) if compile_render
-                    else raster.render)
+    self._render = torch.compile(raster.render, dynamic=False) if compile_render else raster.render
 
   def render(self, weights: torch.Tensor, inputs: SdsInputs) -> torch.Tensor:
     """(P, K) weights -> (N, R, R, 3) renders, each prompt repeated for its n samples."""
     verts = self.head.vertices(weights).repeat_interleave(self.cfg.sds_samples, dim=0)
-    rgb, _, self.overflow = self._render(verts, self.head.faces, inputs.cameras,
-                                         inputs.lights, self.settings)
+    rgb, _, self.overflow = self._render(
+      verts, self.head.faces, inputs.cameras, inputs.lights, self.settings
+    )
     return rgb
 
   def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -240,8 +277,9 @@ class SdsGradient:
     return self.parts.vae.encode(x).latent_dist.mean * self.parts.scaling_factor
 
   @torch.no_grad()
-  def latent_gradient(self, latents: torch.Tensor, inputs: SdsInputs,
-                      embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+  def latent_gradient(
+    self, latents: torch.Tensor, inputs: SdsInputs, embeddings: torch.Tensor
+  ) -> tuple[torch.Tensor, torch.Tensor]:
     """w(t)·(ε̂ − ε) on (N, 4, h, w) latents, and ε̂ − ε. embeddings: (P, 5, L, D)."""
     cfg, parts = self.cfg, self.parts
     n = cfg.sds_samples
@@ -258,9 +296,10 @@ class SdsGradient:
     noisy = alpha_bar.sqrt() * latents + (1.0 - alpha_bar).sqrt() * noise
     model_in = torch.cat([noisy, noisy]).to(parts.dtype)
     t2 = torch.cat([inputs.t, inputs.t])
-    eps = parts.unet(model_in, t2, encoder_hidden_states=torch.cat([uncond, cond]).to(
-        parts.dtype)).sample.float()
-    if parts.prediction_type != "epsilon":   # convert v or x0 predictions to ε
+    eps = parts.unet(
+      model_in, t2, encoder_hidden_states=torch.cat([uncond, cond]).to(parts.dtype)
+    ).sample.float()
+    if parts.prediction_type != "epsilon":  # convert v or x0 predictions to ε
       a2, z2 = torch.cat([alpha_bar, alpha_bar]), torch.cat([noisy, noisy])
       if parts.prediction_type == "v_prediction":
         eps = a2.sqrt() * eps + (1.0 - a2).sqrt() * z2
@@ -270,8 +309,7 @@ class SdsGradient:
     residual = eps_uncond + cfg.guidance_scale * (eps_text - eps_uncond) - noise
     return sds_weight(alpha_bar, cfg.weighting) * residual, residual
 
-  def __call__(self, weights: torch.Tensor, inputs: SdsInputs,
-               embeddings: torch.Tensor) -> dict:
+  def __call__(self, weights: torch.Tensor, inputs: SdsInputs, embeddings: torch.Tensor) -> dict:
     """Back-propagates the SDS gradient (mean over the n samples) into `weights.grad`."""
     latents = self.encode(self.render(weights, inputs))
     grad, residual = self.latent_gradient(latents, inputs, embeddings)
@@ -291,6 +329,7 @@ def lr_lambda(cfg):
         return count / warmup
       frac = min(count - warmup, decay) / decay
       return 0.5 * (1.0 + math.cos(math.pi * frac))
+
     return cosine
   if warmup > 0:
     return lambda count: min(count, warmup) / warmup
@@ -304,16 +343,24 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
 
 def make_optimizer(cfg, params: torch.Tensor):
   """Adam with L2 added to the gradient before the moments (clip -> L2 -> Adam)."""
-  opt = torch.optim.Adam([params], lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2), eps=1e-8,
-                         weight_decay=cfg.weight_decay)
+  opt = torch.optim.Adam(
+    [params], lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2), eps=1e-8, weight_decay=cfg.weight_decay
+  )
   return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 
 class LoopBaseline:
   """The article's way: every prompt has its own weights and Adam, stepped one at a time."""
 
-  def __init__(self, cfg, head: Head, parts: StableDiffusionParts, embeddings: torch.Tensor,
-               seeds: list[int], compile_render: bool = False):
+  def __init__(
+    self,
+    cfg,
+    head: Head,
+    parts: StableDiffusionParts,
+    embeddings: torch.Tensor,
+    seeds: list[int],
+    compile_render: bool = False,
+  ):
     self.cfg = cfg
     self.sds = SdsGradient(cfg, head, parts, compile_render)
     self.embeddings = embeddings
@@ -331,16 +378,15 @@ class LoopBaseline:
     metrics = []
     for i, w in enumerate(self.weights):
       opt, sched = self.optimizers[i]
-      inputs = sample_inputs(self.generators[i], self.cfg, 1, self.step_count,
-                             self.num_timesteps)
+      inputs = sample_inputs(self.generators[i], self.cfg, 1, self.step_count, self.num_timesteps)
       opt.zero_grad(set_to_none=True)
-      aux = self.sds(w, inputs, self.embeddings[i:i + 1])
+      aux = self.sds(w, inputs, self.embeddings[i : i + 1])
       if torch.isfinite(w.grad).all():
         aux["grad_norm"] = torch.nn.utils.clip_grad_norm_([w], self.cfg.grad_clip)
         opt.step()
         sched.step()
       else:
-        self.skipped[i] += 1   # a non-finite gradient must not poison Adam's moments
+        self.skipped[i] += 1  # a non-finite gradient must not poison Adam's moments
       metrics.append(aux)
     self.step_count += 1
     return metrics
@@ -353,23 +399,32 @@ class BatchedBaseline:
   the clipping is per prompt (row), as in sdsjax, and done in place without a Python loop.
   """
 
-  def __init__(self, cfg, head: Head, parts: StableDiffusionParts, embeddings: torch.Tensor,
-               seed: int, compile_render: bool = False):
+  def __init__(
+    self,
+    cfg,
+    head: Head,
+    parts: StableDiffusionParts,
+    embeddings: torch.Tensor,
+    seed: int,
+    compile_render: bool = False,
+  ):
     self.cfg = cfg
     self.sds = SdsGradient(cfg, head, parts, compile_render)
     self.embeddings = embeddings
     self.num_timesteps = parts.alphas_cumprod.shape[0]
     self.num_prompts = embeddings.shape[0]
-    self.weights = torch.zeros(self.num_prompts, head.basis.shape[0], device=parts.device,
-                               requires_grad=True)
+    self.weights = torch.zeros(
+      self.num_prompts, head.basis.shape[0], device=parts.device, requires_grad=True
+    )
     self.optimizer, self.scheduler = make_optimizer(cfg, self.weights)
     self.generator = _generator(seed, parts.device)
     self.step_count = 0
     self.skipped = torch.zeros(self.num_prompts, dtype=torch.int64, device=parts.device)
 
   def step(self) -> dict:
-    inputs = sample_inputs(self.generator, self.cfg, self.num_prompts, self.step_count,
-                           self.num_timesteps)
+    inputs = sample_inputs(
+      self.generator, self.cfg, self.num_prompts, self.step_count, self.num_timesteps
+    )
     self.optimizer.zero_grad(set_to_none=True)
     aux = self.sds(self.weights, inputs, self.embeddings)
     grad = self.weights.grad

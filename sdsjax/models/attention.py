@@ -10,7 +10,6 @@ import jax.numpy as jnp
 
 from sdsjax.models.resnet import Conv2D
 
-
 # Non-GPU path budgets, in float32 logits: attention up to _SMALL_ELEMENTS (16 MB) in all heads
 # at once is computed in one go; larger ones one head and _BLOCK_ELEMENTS (8 MB) of logits at a
 # time, so a block stays in cache (measured best on a 2-core CPU at 4096 tokens).
@@ -50,7 +49,7 @@ def attend(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
     return out.reshape(b, t, c).astype(dtype)
 
   split = lambda x: x.reshape(b, x.shape[1], heads, d).transpose(0, 2, 1, 3)
-  q, k, v = split(q * jnp.asarray(d ** -0.5, q.dtype)), split(k), split(v)
+  q, k, v = split(q * jnp.asarray(d**-0.5, q.dtype)), split(k), split(v)
   block = t
   while block * s > _BLOCK_ELEMENTS and block % 2 == 0:
     block //= 2
@@ -62,7 +61,7 @@ def attend(q, k, v, heads: int, upcast: bool = False, causal: bool = False):
     k, v = k.reshape(b * heads, s, d), v.reshape(b * heads, s, d)
 
     def one_head(qkv):
-      qh, kh, vh = qkv   # (t // block, block, d), (s, d), (s, d)
+      qh, kh, vh = qkv  # (t // block, block, d), (s, d), (s, d)
       return jax.lax.map(lambda qb: _xla_attention(qb, kh, vh, False), qh)
 
     out = jax.lax.map(one_head, (q, k, v)).reshape(b, heads, t, d)
@@ -75,6 +74,7 @@ class Attention(nn.Module):
   With `group_norm_groups` it is the VAE's spatial self-attention: GroupNorm first, a residual
   connection, inputs (B, H, W, C).
   """
+
   heads: int
   dim_head: int
   qkv_bias: bool = False
@@ -89,8 +89,9 @@ class Attention(nn.Module):
     if self.group_norm_groups:
       residual = x
       b, h, w, c = x.shape
-      x = nn.GroupNorm(self.group_norm_groups, epsilon=self.eps, dtype=self.dtype,
-                       name="group_norm")(x).reshape(b, h * w, c)
+      x = nn.GroupNorm(
+        self.group_norm_groups, epsilon=self.eps, dtype=self.dtype, name="group_norm"
+      )(x).reshape(b, h * w, c)
     query_dim = x.shape[-1]
     context = x if context is None else context
     q = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
@@ -105,6 +106,7 @@ class Attention(nn.Module):
 
 class GEGLU(nn.Module):
   """proj -> split -> value · GELU(gate) (exact GELU, as diffusers)."""
+
   inner_dim: int
   dtype: Any = jnp.float32
 
@@ -116,6 +118,7 @@ class GEGLU(nn.Module):
 
 class FeedForward(nn.Module):
   """net.0 (GEGLU) -> net.2 (Linear); net.1 is dropout."""
+
   dim: int
   mult: int = 4
   dtype: Any = jnp.float32
@@ -128,6 +131,7 @@ class FeedForward(nn.Module):
 
 class BasicTransformerBlock(nn.Module):
   """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual."""
+
   dim: int
   heads: int
   dim_head: int
@@ -137,8 +141,9 @@ class BasicTransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x, context):
     ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
-    attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast,
-                                  dtype=self.dtype, name=name)
+    attn = lambda name: Attention(
+      self.heads, self.dim_head, upcast=self.upcast, dtype=self.dtype, name=name
+    )
     x = x + attn("attn1")(ln("norm1")(x))
     x = x + attn("attn2")(ln("norm2")(x), context)
     return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x))
@@ -150,6 +155,7 @@ class Transformer2DModel(nn.Module):
   `use_linear_projection` (SD 2.x) makes proj_in/proj_out Linear on tokens; otherwise they
   are 1x1 convs on the feature map (SD 1.x).
   """
+
   heads: int
   dim_head: int
   num_layers: int = 1
@@ -170,8 +176,14 @@ class Transformer2DModel(nn.Module):
     else:
       x = Conv2D(inner, 1, dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, inner)
     for i in range(self.num_layers):
-      x = BasicTransformerBlock(inner, self.heads, self.dim_head, upcast=self.upcast,
-                                dtype=self.dtype, name=f"transformer_blocks_{i}")(x, context)
+      x = BasicTransformerBlock(
+        inner,
+        self.heads,
+        self.dim_head,
+        upcast=self.upcast,
+        dtype=self.dtype,
+        name=f"transformer_blocks_{i}",
+      )(x, context)
     if self.use_linear_projection:
       x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
     else:

@@ -9,7 +9,8 @@ large.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import chex
 import flax.linen as nn
@@ -17,11 +18,15 @@ import jax
 import jax.numpy as jnp
 
 from sdsjax.models.attention import Attention
-from sdsjax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
+from sdsjax.models.resnet import Downsample2D
+from sdsjax.models.resnet import ResnetBlock2D
+from sdsjax.models.resnet import Upsample2D
+from sdsjax.models.resnet import conv
 
 
 class VAEMidBlock(nn.Module):
   """UNetMidBlock2D: resnet -> single-head spatial self-attention -> resnet."""
+
   channels: int
   groups: int
   dtype: Any
@@ -29,8 +34,15 @@ class VAEMidBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = ResnetBlock2D(self.channels, self.groups, 1e-6, self.dtype, name="resnets_0")(x)
-    x = Attention(1, self.channels, qkv_bias=True, upcast=True, group_norm_groups=self.groups,
-                  dtype=self.dtype, name="attentions_0")(x)
+    x = Attention(
+      1,
+      self.channels,
+      qkv_bias=True,
+      upcast=True,
+      group_norm_groups=self.groups,
+      dtype=self.dtype,
+      name="attentions_0",
+    )(x)
     return ResnetBlock2D(self.channels, self.groups, 1e-6, self.dtype, name="resnets_1")(x)
 
 
@@ -101,8 +113,9 @@ class Encoder(nn.Module):
     x = conv(self.block_out_channels[0], 3, "conv_in", self.dtype)(x)
     n = len(self.block_out_channels)
     for i, ch in enumerate(self.block_out_channels):
-      x = block(ch, self.layers_per_block, i < n - 1, self.groups, self.dtype,
-                name=f"down_blocks_{i}")(x)
+      x = block(
+        ch, self.layers_per_block, i < n - 1, self.groups, self.dtype, name=f"down_blocks_{i}"
+      )(x)
     mid = nn.remat(VAEMidBlock, policy=policy) if self.remat else VAEMidBlock
     x = mid(self.block_out_channels[-1], self.groups, self.dtype, name="mid_block")(x)
     x = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="conv_norm_out")(x)
@@ -123,14 +136,16 @@ class Decoder(nn.Module):
     x = VAEMidBlock(channels[0], self.groups, self.dtype, name="mid_block")(x)
     n = len(channels)
     for i, ch in enumerate(channels):
-      x = UpDecoderBlock(ch, self.layers_per_block + 1, i < n - 1, self.groups, self.dtype,
-                         name=f"up_blocks_{i}")(x)
+      x = UpDecoderBlock(
+        ch, self.layers_per_block + 1, i < n - 1, self.groups, self.dtype, name=f"up_blocks_{i}"
+      )(x)
     x = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="conv_norm_out")(x)
     return conv(self.out_channels, 3, "conv_out", self.dtype)(nn.silu(x))
 
 
 class AutoencoderKL(nn.Module):
   """Fields are the VAE `config.json` keys."""
+
   in_channels: int = 3
   out_channels: int = 3
   down_block_types: Sequence[str] = ("DownEncoderBlock2D",) * 4
@@ -143,17 +158,20 @@ class AutoencoderKL(nn.Module):
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   remat: bool = False
-  remat_policy: str = "auto"   # see remat_policy()
+  remat_policy: str = "auto"  # see remat_policy()
   dtype: Any = jnp.float32
 
   @classmethod
-  def from_config(cls, config: dict, dtype=jnp.float32, **kw) -> "AutoencoderKL":
+  def from_config(cls, config: dict, dtype=jnp.float32, **kw) -> AutoencoderKL:
     names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
     args = {k: v for k, v in config.items() if k in names}
     for key in ("down_block_types", "up_block_types", "block_out_channels"):
       if key in args:
         args[key] = tuple(args[key])
-    for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+    for key, kind in (
+      ("down_block_types", "DownEncoderBlock2D"),
+      ("up_block_types", "UpDecoderBlock2D"),
+    ):
       bad = [b for b in args.get(key, ()) if b != kind]
       if bad:
         raise NotImplementedError(f"{key} {bad[0]} is not supported (only {kind})")
@@ -162,10 +180,22 @@ class AutoencoderKL(nn.Module):
     return cls(**args, dtype=dtype)
 
   def setup(self):
-    self.encoder = Encoder(self.block_out_channels, self.layers_per_block, self.latent_channels,
-                           self.norm_num_groups, self.remat, self.remat_policy, self.dtype)
-    self.decoder = Decoder(self.block_out_channels, self.layers_per_block, self.out_channels,
-                           self.norm_num_groups, self.dtype)
+    self.encoder = Encoder(
+      self.block_out_channels,
+      self.layers_per_block,
+      self.latent_channels,
+      self.norm_num_groups,
+      self.remat,
+      self.remat_policy,
+      self.dtype,
+    )
+    self.decoder = Decoder(
+      self.block_out_channels,
+      self.layers_per_block,
+      self.out_channels,
+      self.norm_num_groups,
+      self.dtype,
+    )
     if self.use_quant_conv:
       self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), dtype=self.dtype)
     if self.use_post_quant_conv:

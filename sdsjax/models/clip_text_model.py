@@ -17,22 +17,25 @@ import jax.numpy as jnp
 from sdsjax.models.attention import attend
 
 _ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 
 class CLIPAttention(nn.Module):
   """Causal multi-head self-attention with q/k/v/out projections."""
+
   hidden_size: int
   heads: int
   dtype: Any
 
   @nn.compact
   def __call__(self, x):
-    q, k, v = (nn.Dense(self.hidden_size, dtype=self.dtype, name=n)(x)
-               for n in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = (
+      nn.Dense(self.hidden_size, dtype=self.dtype, name=n)(x)
+      for n in ("q_proj", "k_proj", "v_proj")
+    )
     out = attend(q, k, v, self.heads, causal=True)
     return nn.Dense(self.hidden_size, dtype=self.dtype, name="out_proj")(out)
 
@@ -51,6 +54,7 @@ class CLIPMLP(nn.Module):
 
 class CLIPEncoderLayer(nn.Module):
   """Pre-LayerNorm: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
   hidden_size: int
   heads: int
   intermediate_size: int
@@ -62,9 +66,11 @@ class CLIPEncoderLayer(nn.Module):
   def __call__(self, x):
     ln = lambda name: nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name=name)
     x = x + CLIPAttention(self.hidden_size, self.heads, self.dtype, name="self_attn")(
-        ln("layer_norm1")(x))
-    return x + CLIPMLP(self.hidden_size, self.intermediate_size, self.act, self.dtype,
-                       name="mlp")(ln("layer_norm2")(x))
+      ln("layer_norm1")(x)
+    )
+    return x + CLIPMLP(self.hidden_size, self.intermediate_size, self.act, self.dtype, name="mlp")(
+      ln("layer_norm2")(x)
+    )
 
 
 class CLIPEmbeddings(nn.Module):
@@ -75,10 +81,10 @@ class CLIPEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(self, ids):
-    tok = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
-                   name="token_embedding")(ids)
-    pos = nn.Embed(self.max_position_embeddings, self.hidden_size, dtype=self.dtype,
-                   name="position_embedding")(jnp.arange(ids.shape[1]))
+    tok = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype, name="token_embedding")(ids)
+    pos = nn.Embed(
+      self.max_position_embeddings, self.hidden_size, dtype=self.dtype, name="position_embedding"
+    )(jnp.arange(ids.shape[1]))
     return tok + pos[None]
 
 
@@ -99,11 +105,17 @@ class CLIPTextTransformer(nn.Module):
   @nn.compact
   def __call__(self, input_ids):
     c = _Fields(**self.config)
-    x = CLIPEmbeddings(c.vocab_size, c.hidden_size, c.max_position_embeddings, c.dtype,
-                       name="embeddings")(input_ids)
-    layer = dict(hidden_size=c.hidden_size, heads=c.num_attention_heads,
-                 intermediate_size=c.intermediate_size, act=c.hidden_act,
-                 eps=c.layer_norm_eps, dtype=c.dtype)
+    x = CLIPEmbeddings(
+      c.vocab_size, c.hidden_size, c.max_position_embeddings, c.dtype, name="embeddings"
+    )(input_ids)
+    layer = dict(
+      hidden_size=c.hidden_size,
+      heads=c.num_attention_heads,
+      intermediate_size=c.intermediate_size,
+      act=c.hidden_act,
+      eps=c.layer_norm_eps,
+      dtype=c.dtype,
+    )
     x = CLIPEncoder(c.num_hidden_layers, layer, name="encoder")(x)
     return nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=c.dtype, name="final_layer_norm")(x)
 
@@ -123,6 +135,7 @@ class _Fields:
 
 class CLIPTextModel(nn.Module):
   """Fields are the text encoder `config.json` keys."""
+
   vocab_size: int = 49408
   hidden_size: int = 768
   intermediate_size: int = 3072
@@ -134,7 +147,7 @@ class CLIPTextModel(nn.Module):
   dtype: Any = jnp.float32
 
   @classmethod
-  def from_config(cls, config: dict, dtype=jnp.float32, **kw) -> "CLIPTextModel":
+  def from_config(cls, config: dict, dtype=jnp.float32, **kw) -> CLIPTextModel:
     names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
     args = {k: v for k, v in config.items() if k in names}
     if args.get("hidden_act", "quick_gelu") not in _ACTIVATIONS:

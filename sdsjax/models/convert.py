@@ -22,7 +22,8 @@ init), so the rules never guess. Works on numpy arrays only: torch is not needed
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +32,7 @@ from sdsjax.errors import CheckpointError
 # Buffers some checkpoints carry that are not parameters.
 IGNORED_SUFFIXES = ("position_ids",)
 # Old diffusers names of the VAE's mid-block attention projections -> current names.
-LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v",
-                          "proj_attn": "to_out_0"}
+LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}
 
 
 def flax_path(key: str) -> tuple[str, ...]:
@@ -55,11 +55,11 @@ def convert_leaf(value: np.ndarray, leaf: str, target_leaves: Mapping[str, Any])
   if "kernel" in target_leaves:
     kernel_rank = len(target_leaves["kernel"].shape)
     if value.ndim == 4 and kernel_rank == 2 and value.shape[2:] == (1, 1):
-      return "kernel", value[:, :, 0, 0].T   # a Linear stored as a 1x1 conv (old VAE attention)
+      return "kernel", value[:, :, 0, 0].T  # a Linear stored as a 1x1 conv (old VAE attention)
     if value.ndim == 4:
       return "kernel", np.transpose(value, (2, 3, 1, 0))
     if value.ndim == 2:
-      if kernel_rank == 4:   # a 1x1 conv stored as a Linear weight
+      if kernel_rank == 4:  # a 1x1 conv stored as a Linear weight
         return "kernel", value.T[None, None]
       return "kernel", value.T
     return "kernel", value
@@ -72,9 +72,9 @@ def _flatten(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
   flat = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
-      flat.update(_flatten(v, prefix + (k,)))
+      flat.update(_flatten(v, (*prefix, k)))
     else:
-      flat[prefix + (k,)] = v
+      flat[(*prefix, k)] = v
   return flat
 
 
@@ -120,12 +120,17 @@ def convert_state_dict(state: Mapping[str, np.ndarray], target: Mapping) -> dict
       continue
     want = tuple(leaves[name].shape)
     if tuple(array.shape) != want:
-      mismatched.append(f"{key} {tuple(np.shape(value))} vs expected "
-                        f"{_expected_torch_shape(want, name, np.ndim(value))}")
+      mismatched.append(
+        f"{key} {tuple(np.shape(value))} vs expected "
+        f"{_expected_torch_shape(want, name, np.ndim(value))}"
+      )
       continue
-    flat_out[module + (name,)] = array
-  missing = [_torch_name(p[:-1]) + "." + ("bias" if p[-1] == "bias" else "weight")
-             for p in flat_target if p not in flat_out]
+    flat_out[(*module, name)] = array
+  missing = [
+    _torch_name(p[:-1]) + "." + ("bias" if p[-1] == "bias" else "weight")
+    for p in flat_target
+    if p not in flat_out
+  ]
   if missing or unexpected or mismatched:
     parts = []
     if missing:

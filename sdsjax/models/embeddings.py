@@ -9,8 +9,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
-def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = True,
-                       freq_shift: float = 0.0, max_period: float = 10000.0):
+def timestep_embedding(
+  timesteps,
+  dim: int,
+  flip_sin_to_cos: bool = True,
+  freq_shift: float = 0.0,
+  max_period: float = 10000.0,
+):
   """Sinusoidal embedding: (B,) -> (B, dim), float32."""
   half = dim // 2
   exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
@@ -25,6 +30,7 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = True,
 
 class TimestepEmbedding(nn.Module):
   """linear_1 -> SiLU -> linear_2."""
+
   time_embed_dim: int
   dtype: Any = jnp.float32
 

@@ -11,7 +11,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sdsjax.models.winograd import conv3x3_winograd
 
-
 # XLA:CPU's own convolution trails oneDNN's (PyTorch) by 10-20%, while its GEMMs keep pace. So on
 # CPU a convolution becomes GEMMs where that is faster (benchmarks/bench_ops.py, ms vs XLA's):
 # - 1×1: a plain GEMM (64²×320→320: 11.8 vs 15.9).
@@ -33,8 +32,11 @@ def conv_algorithm(x: jax.Array, kernel: int, out_channels: int, stride: int, pa
     return "xla"
   if x.shape[-3] * x.shape[-2] <= IM2COL_MAX_PIXELS:
     return "im2col"
-  if (padding == 1 and x.dtype == jnp.float32
-      and min(x.shape[-1], out_channels) >= WINOGRAD_MIN_CHANNELS):
+  if (
+    padding == 1
+    and x.dtype == jnp.float32
+    and min(x.shape[-1], out_channels) >= WINOGRAD_MIN_CHANNELS
+  ):
     return "winograd"
   return "xla"
 
@@ -46,7 +48,7 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, padding: int = 1) -> jax.Array:
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
   # Channel blocks in (row, column) order of the kernel taps, matching kernel.reshape below.
-  cols = jnp.concatenate([xp[:, i:i + ho, j:j + wo] for i in range(k) for j in range(k)], -1)
+  cols = jnp.concatenate([xp[:, i : i + ho, j : j + wo] for i in range(k) for j in range(k)], -1)
   out = cols.reshape(b * ho * wo, k * k * c) @ kernel.reshape(k * k * c, -1)
   return out.reshape(b, ho, wo, -1)
 
@@ -55,6 +57,7 @@ class Conv2D(nn.Module):
   """A square convolution with `kernel` (k, k, Cin, Cout) and `bias` params, as `nn.Conv`
   names and shapes them (so checkpoints convert the same), computed as GEMMs where that is
   faster (see `conv_algorithm`)."""
+
   features: int
   kernel_size: int
   stride: int = 1
@@ -65,8 +68,9 @@ class Conv2D(nn.Module):
   def __call__(self, x):
     """x: (B, H, W, Cin) -> (B, H', W', features)."""
     k = self.kernel_size
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (k, k, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32
+    )
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     algorithm = conv_algorithm(x, k, self.features, self.stride, self.padding)
@@ -76,8 +80,13 @@ class Conv2D(nn.Module):
       y = conv_im2col(x, kernel, self.padding)
     else:
       pad = (self.padding, self.padding)
-      y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), (pad, pad),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (self.stride, self.stride),
+        (pad, pad),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
     # Named so that a remat policy can keep convolution outputs (autoencoder_kl.Encoder).
     return checkpoint_name(y + bias, "conv_out")
 
@@ -92,6 +101,7 @@ class ResnetBlock2D(nn.Module):
 
   The 1x1 `conv_shortcut` exists when the input and output channels differ, as in diffusers.
   """
+
   out_channels: int
   groups: int = 32
   eps: float = 1e-5
@@ -114,6 +124,7 @@ class ResnetBlock2D(nn.Module):
 
 class Downsample2D(nn.Module):
   """3x3 stride-2 conv. `padding=0` pads right/bottom by one first (the VAE encoder's variant)."""
+
   out_channels: int
   padding: int = 1
   dtype: Any = jnp.float32
@@ -127,6 +138,7 @@ class Downsample2D(nn.Module):
 
 class Upsample2D(nn.Module):
   """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+
   out_channels: int
   dtype: Any = jnp.float32
 

@@ -22,7 +22,8 @@ import json
 import math
 import os
 import struct as struct_lib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ DEFAULT_SCALING_FACTOR = 0.18215
 # The bundle.
 
 
-@dataclasses.dataclass(frozen=True, eq=False)   # eq=False: hashed by identity, never by params.
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, never by params.
 class StableDiffusion:
   """A loaded Stable Diffusion: static modules, their parameters and the noise schedule.
 
@@ -69,6 +70,7 @@ class StableDiffusion:
       `encode_image` (less memory when differentiating through it at 512²; what is kept
       depends on the backend, see autoencoder_kl.remat_policy).
   """
+
   unet: Any
   vae: Any
   text_encoder: Any
@@ -106,8 +108,13 @@ class StableDiffusion:
     """Prompts -> (B, 77) int32 token ids, padded and truncated like the diffusers pipelines."""
     if isinstance(prompts, str):
       raise TypeError("tokenize takes a list of prompts, not one string")
-    ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.text_length,
-                         truncation=True, return_tensors="np")["input_ids"]
+    ids = self.tokenizer(
+      list(prompts),
+      padding="max_length",
+      max_length=self.text_length,
+      truncation=True,
+      return_tensors="np",
+    )["input_ids"]
     return np.asarray(ids, np.int32)
 
   def encode_text(self, prompts: Sequence[str]) -> Array:
@@ -134,8 +141,9 @@ class StableDiffusion:
     chex.assert_rank(latents, 4)
     return self._decode_fn(vae_params, latents)
 
-  def predict_noise(self, unet_params: Params, latents: Array, t: Array,
-                    text_embeddings: Array) -> Array:
+  def predict_noise(
+    self, unet_params: Params, latents: Array, t: Array, text_embeddings: Array
+  ) -> Array:
     """The UNet's noise prediction ε(z_t, t, text), converted to ε whatever the UNet predicts.
 
     Args:
@@ -171,8 +179,9 @@ class StableDiffusion:
 
   def _encode_impl(self, params, images):
     # With remat_vae the module recomputes parts of its encoder blocks in the backward pass.
-    mean, _ = self.vae.apply({"params": params}, (2.0 * images - 1.0).astype(self.dtype),
-                             method=self.vae.encode)
+    mean, _ = self.vae.apply(
+      {"params": params}, (2.0 * images - 1.0).astype(self.dtype), method=self.vae.encode
+    )
     return (mean.astype(jnp.float32) - self.shift_factor) * self.scaling_factor
 
   def _decode_impl(self, params, latents):
@@ -181,8 +190,9 @@ class StableDiffusion:
     return jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
 
   def _noise_impl(self, params, latents, t, text_embeddings):
-    output = self.unet.apply({"params": params}, latents.astype(self.dtype), t,
-                             text_embeddings.astype(self.dtype))
+    output = self.unet.apply(
+      {"params": params}, latents.astype(self.dtype), t, text_embeddings.astype(self.dtype)
+    )
     return self.epsilon_from_output(output, latents, t)
 
 
@@ -205,24 +215,33 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> np.ndarray:
   elif schedule == "linear":
     betas = np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
   elif schedule == "scaled_linear":
-    betas = np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_steps,
-                        dtype=np.float64) ** 2
+    betas = (
+      np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_steps, dtype=np.float64) ** 2
+    )
   elif schedule == "squaredcos_cap_v2":
+
     def alpha_bar(s):
       return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-    betas = np.array([min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), 0.999)
-                      for i in range(num_steps)])
+
+    betas = np.array(
+      [
+        min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), 0.999)
+        for i in range(num_steps)
+      ]
+    )
   elif schedule == "sigmoid":
     x = np.linspace(-6.0, 6.0, num_steps, dtype=np.float64)
     betas = (beta_end - beta_start) / (1.0 + np.exp(-x)) + beta_start
   else:
-    raise CheckpointError(f"scheduler beta_schedule {schedule!r} is not supported (use linear, "
-                          "scaled_linear, squaredcos_cap_v2 or sigmoid)")
+    raise CheckpointError(
+      f"scheduler beta_schedule {schedule!r} is not supported (use linear, "
+      "scaled_linear, squaredcos_cap_v2 or sigmoid)"
+    )
   if config.get("rescale_betas_zero_snr", False):
     betas = _rescale_zero_terminal_snr(betas)
   alphas_cumprod = np.cumprod(1.0 - betas)
   if config.get("rescale_betas_zero_snr", False):
-    alphas_cumprod[-1] = 2.0 ** -24   # As diffusers: avoids an infinite SNR weight at t = T-1.
+    alphas_cumprod[-1] = 2.0**-24  # As diffusers: avoids an infinite SNR weight at t = T-1.
   return alphas_cumprod.astype(np.float32)
 
 
@@ -231,7 +250,7 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
   sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
   first, last = sqrt_ab[0], sqrt_ab[-1]
   sqrt_ab = (sqrt_ab - last) * first / (first - last)
-  alphas_cumprod = sqrt_ab ** 2
+  alphas_cumprod = sqrt_ab**2
   alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
   return 1.0 - alphas
 
@@ -243,9 +262,19 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 def _read_safetensors_raw(path: Path) -> dict[str, np.ndarray]:
   """Reads a safetensors file with dtypes numpy lacks (bfloat16), via ml_dtypes."""
   import ml_dtypes
-  dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-            "BOOL": np.bool_}
+
+  dtypes = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+  }
   with open(path, "rb") as f:
     (header_len,) = struct_lib.unpack("<Q", f.read(8))
     header = json.loads(f.read(header_len))
@@ -258,22 +287,26 @@ def _read_safetensors_raw(path: Path) -> dict[str, np.ndarray]:
       raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
     tensors[key] = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(
-        info["shape"])
+      info["shape"]
+    )
   return tensors
 
 
 def read_safetensors(files: Sequence[Path]) -> dict[str, np.ndarray]:
   """Reads one safetensors file or the shards of one checkpoint into a single state dict."""
   from safetensors.numpy import load_file
+
   state: dict[str, np.ndarray] = {}
   for path in files:
     try:
       tensors = load_file(str(path))
-    except TypeError:   # numpy has no bfloat16: read the raw bytes.
+    except TypeError:  # numpy has no bfloat16: read the raw bytes.
       tensors = _read_safetensors_raw(Path(path))
     except Exception as e:
-      raise CheckpointError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); "
-                            "the file is corrupt or incomplete: download it again") from None
+      raise CheckpointError(
+        f"cannot read {path} as safetensors ({type(e).__name__}: {e}); "
+        "the file is corrupt or incomplete: download it again"
+      ) from None
     duplicated = state.keys() & tensors.keys()
     if duplicated:
       raise CheckpointError(f"{path} repeats tensor {sorted(duplicated)[0]} from another shard")
@@ -299,9 +332,12 @@ def _module_classes():
   from sdsjax.models import autoencoder_kl
   from sdsjax.models import clip_text_model
   from sdsjax.models import unet_2d_condition
-  return {"unet": unet_2d_condition.UNet2DConditionModel,
-          "vae": autoencoder_kl.AutoencoderKL,
-          "text_encoder": clip_text_model.CLIPTextModel}
+
+  return {
+    "unet": unet_2d_condition.UNet2DConditionModel,
+    "vae": autoencoder_kl.AutoencoderKL,
+    "text_encoder": clip_text_model.CLIPTextModel,
+  }
 
 
 def _init_inputs(component: str, config: Mapping[str, Any]) -> tuple:
@@ -310,8 +346,11 @@ def _init_inputs(component: str, config: Mapping[str, Any]) -> tuple:
     side = 2 ** len(config["block_out_channels"])
     cross = config["cross_attention_dim"]
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    return (jnp.zeros((1, side, side, config.get("in_channels", 4)), jnp.float32),
-            jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, cross), jnp.float32))
+    return (
+      jnp.zeros((1, side, side, config.get("in_channels", 4)), jnp.float32),
+      jnp.zeros((1,), jnp.int32),
+      jnp.zeros((1, 77, cross), jnp.float32),
+    )
   if component == "vae":
     side = 2 ** len(config["block_out_channels"])
     return (jnp.zeros((1, side, side, config.get("in_channels", 3)), jnp.float32),)
@@ -326,7 +365,7 @@ def _adapt_text_encoder_keys(state: dict[str, np.ndarray], target: Mapping) -> d
   if wants_prefix and not has_prefix:
     return {prefix + k: v for k, v in state.items()}
   if has_prefix and not wants_prefix:
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
   return state
 
 
@@ -340,15 +379,17 @@ def _adapt_vae_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     parts = key.split(".")
     # e.g. encoder.mid_block.attentions.0.query.weight -> ...attentions.0.to_q.weight
     if len(parts) >= 4 and parts[-4] == "attentions" and parts[-2] in _LEGACY_VAE_ATTENTION:
-      key = ".".join(parts[:-2] + [_LEGACY_VAE_ATTENTION[parts[-2]], parts[-1]])
+      key = ".".join([*parts[:-2], _LEGACY_VAE_ATTENTION[parts[-2]], parts[-1]])
     renamed[key] = value
   return renamed
 
 
-def _load_component(folder: Path, component: str, config: dict, dtype,
-                    **module_args) -> tuple[Any, Any]:
+def _load_component(
+  folder: Path, component: str, config: dict, dtype, **module_args
+) -> tuple[Any, Any]:
   """Builds one module from its config and loads its weights; returns (module, params)."""
   from sdsjax.models import convert
+
   where = folder / component
   cls = _module_classes()[component]
   try:
@@ -357,8 +398,9 @@ def _load_component(folder: Path, component: str, config: dict, dtype,
   except CheckpointError as e:
     raise CheckpointError(f"{where}/config.json: {e}") from None
   except (KeyError, ValueError, TypeError, NotImplementedError, AssertionError) as e:
-    raise CheckpointError(f"{where}/config.json is not a supported {cls.__name__} config "
-                          f"({type(e).__name__}: {e})") from None
+    raise CheckpointError(
+      f"{where}/config.json is not a supported {cls.__name__} config ({type(e).__name__}: {e})"
+    ) from None
   target = shapes["params"]
   state = read_safetensors(hub.weight_files(where))
   if component == "text_encoder":
@@ -371,18 +413,21 @@ def _load_component(folder: Path, component: str, config: dict, dtype,
     raise CheckpointError(f"{where}: {e}") from None
   del state
   params = jax.tree.map(
-      lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x),
-      params)
+    lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x),
+    params,
+  )
   return module, params
 
 
 def _load_tokenizer(folder: Path):
   from transformers import CLIPTokenizer
+
   try:
     return CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
   except Exception as e:
-    raise CheckpointError(f"cannot load the CLIP tokenizer from {folder / 'tokenizer'} "
-                          f"({type(e).__name__}: {e})") from None
+    raise CheckpointError(
+      f"cannot load the CLIP tokenizer from {folder / 'tokenizer'} ({type(e).__name__}: {e})"
+    ) from None
 
 
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
@@ -391,13 +436,16 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     try:
       return hub.check_folder(tiny_random.materialize_tiny_random())
     except OSError as e:
-      raise CheckpointError(f"cannot write the tiny-random model under {tiny_random.cache_root()} "
-                            f"({e.strerror or e}): set SDSJAX_CACHE to a writable folder") from None
+      raise CheckpointError(
+        f"cannot write the tiny-random model under {tiny_random.cache_root()} "
+        f"({e.strerror or e}): set SDSJAX_CACHE to a writable folder"
+      ) from None
   return hub.resolve(path_or_hub_id)
 
 
-def load_stable_diffusion(path_or_hub_id: str | os.PathLike, dtype=jnp.float32,
-                          remat_vae: bool = True) -> StableDiffusion:
+def load_stable_diffusion(
+  path_or_hub_id: str | os.PathLike, dtype=jnp.float32, remat_vae: bool = True
+) -> StableDiffusion:
   """Loads a Stable Diffusion checkpoint into a `StableDiffusion` bundle.
 
   Args:
@@ -421,8 +469,10 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, dtype=jnp.float32,
   scheduler = configs["scheduler"]
   prediction_type = scheduler.get("prediction_type", "epsilon")
   if prediction_type not in ("epsilon", "v_prediction", "sample"):
-    raise CheckpointError(f"{folder}/scheduler/scheduler_config.json: prediction_type "
-                          f"{prediction_type!r} is not supported (epsilon, v_prediction, sample)")
+    raise CheckpointError(
+      f"{folder}/scheduler/scheduler_config.json: prediction_type "
+      f"{prediction_type!r} is not supported (epsilon, v_prediction, sample)"
+    )
   alphas_cumprod = alphas_cumprod_from_config(scheduler)
   tokenizer = _load_tokenizer(folder)
   # The VAE rematerialises its encoder blocks itself (finer-grained than one jax.checkpoint).
@@ -430,12 +480,21 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, dtype=jnp.float32,
   modules, params = {}, {}
   for component in ("unet", "vae", "text_encoder"):
     modules[component], params[component] = _load_component(
-        folder, component, configs[component], dtype, **module_args[component])
+      folder, component, configs[component], dtype, **module_args[component]
+    )
   vae_config = configs["vae"]
   return StableDiffusion(
-      unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
-      tokenizer=tokenizer, params=params, alphas_cumprod=alphas_cumprod,
-      scaling_factor=float(vae_config.get("scaling_factor") or DEFAULT_SCALING_FACTOR),
-      shift_factor=float(vae_config.get("shift_factor") or 0.0),
-      prediction_type=prediction_type, dtype=dtype, folder=folder, configs=configs,
-      remat_vae=remat_vae)
+    unet=modules["unet"],
+    vae=modules["vae"],
+    text_encoder=modules["text_encoder"],
+    tokenizer=tokenizer,
+    params=params,
+    alphas_cumprod=alphas_cumprod,
+    scaling_factor=float(vae_config.get("scaling_factor") or DEFAULT_SCALING_FACTOR),
+    shift_factor=float(vae_config.get("shift_factor") or 0.0),
+    prediction_type=prediction_type,
+    dtype=dtype,
+    folder=folder,
+    configs=configs,
+    remat_vae=remat_vae,
+  )

@@ -26,6 +26,7 @@ which spell out the diffusers / transformers parameter layout for the SD-1.x / S
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 NAME = "tiny-random"
-VERSION = "v1"    # Bump whenever anything written below changes, so stale caches are not reused.
+VERSION = "v1"  # Bump whenever anything written below changes, so stale caches are not reused.
 SEED = 20240601
 
 BOS_TOKEN = "<|startoftext|>"
@@ -47,117 +48,311 @@ EOS_TOKEN = "<|endoftext|>"
 MAX_LENGTH = 77
 
 UNET_CONFIG: dict[str, Any] = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.42.1",
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "only_cross_attention": False,
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "norm_num_groups": 8,
-    "norm_eps": 1e-5,
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,    # diffusers' misnomer: the number of heads (head size 4 and 8).
-    "use_linear_projection": False,
-    "upcast_attention": False,
-    "transformer_layers_per_block": 1,
+  "_class_name": "UNet2DConditionModel",
+  "_diffusers_version": "0.42.1",
+  "sample_size": 8,
+  "in_channels": 4,
+  "out_channels": 4,
+  "center_input_sample": False,
+  "flip_sin_to_cos": True,
+  "freq_shift": 0,
+  "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+  "mid_block_type": "UNetMidBlock2DCrossAttn",
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+  "only_cross_attention": False,
+  "block_out_channels": [32, 64],
+  "layers_per_block": 1,
+  "downsample_padding": 1,
+  "mid_block_scale_factor": 1,
+  "act_fn": "silu",
+  "norm_num_groups": 8,
+  "norm_eps": 1e-5,
+  "cross_attention_dim": 32,
+  "attention_head_dim": 8,  # diffusers' misnomer: the number of heads (head size 4 and 8).
+  "use_linear_projection": False,
+  "upcast_attention": False,
+  "transformer_layers_per_block": 1,
 }
 
 VAE_CONFIG: dict[str, Any] = {
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.42.1",
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,   # 3 downsamplers: latents are H/8.
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [8, 16, 16, 16],
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "sample_size": 64,
-    "scaling_factor": 0.18215,
+  "_class_name": "AutoencoderKL",
+  "_diffusers_version": "0.42.1",
+  "in_channels": 3,
+  "out_channels": 3,
+  "down_block_types": ["DownEncoderBlock2D"] * 4,  # 3 downsamplers: latents are H/8.
+  "up_block_types": ["UpDecoderBlock2D"] * 4,
+  "block_out_channels": [8, 16, 16, 16],
+  "layers_per_block": 1,
+  "act_fn": "silu",
+  "latent_channels": 4,
+  "norm_num_groups": 4,
+  "sample_size": 64,
+  "scaling_factor": 0.18215,
 }
 
 TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "architectures": ["CLIPTextModel"],
-    "model_type": "clip_text_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "projection_dim": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": MAX_LENGTH,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "attention_dropout": 0.0,
-    "initializer_range": 0.02,
-    "initializer_factor": 1.0,
-    "dtype": "float32",
-    # vocab_size, bos/eos/pad ids are filled in from the generated vocabulary.
+  "architectures": ["CLIPTextModel"],
+  "model_type": "clip_text_model",
+  "hidden_size": 32,
+  "intermediate_size": 64,
+  "projection_dim": 32,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "max_position_embeddings": MAX_LENGTH,
+  "hidden_act": "quick_gelu",
+  "layer_norm_eps": 1e-5,
+  "attention_dropout": 0.0,
+  "initializer_range": 0.02,
+  "initializer_factor": 1.0,
+  "dtype": "float32",
+  # vocab_size, bos/eos/pad ids are filled in from the generated vocabulary.
 }
 
 SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.42.1",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
+  "_class_name": "PNDMScheduler",
+  "_diffusers_version": "0.42.1",
+  "beta_start": 0.00085,
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "num_train_timesteps": 1000,
+  "prediction_type": "epsilon",
+  "set_alpha_to_one": False,
+  "skip_prk_steps": True,
+  "steps_offset": 1,
+  "clip_sample": False,
+  "trained_betas": None,
 }
 
 MODEL_INDEX: dict[str, Any] = {
-    "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": "0.42.1",
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
+  "_class_name": "StableDiffusionPipeline",
+  "_diffusers_version": "0.42.1",
+  "feature_extractor": [None, None],
+  "requires_safety_checker": False,
+  "safety_checker": [None, None],
+  "scheduler": ["diffusers", "PNDMScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"],
+  "tokenizer": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"],
 }
 
 # Words the tiny BPE is trained on, most frequent first: enough that prompts like "a photo of an
 # old man, front view" split into a few tokens rather than single bytes.
-_CORPUS = """
-a the of and in to with an is on for at by from as or his her man woman photo portrait face head
-view front side back overhead old young person hair eyes smiling realistic detailed high quality
-beautiful bald beard child boy girl pirate painted skin light dark white black red blue green brown
-grey gray yellow orange pink purple golden silver short long curly straight wearing hat glasses
-smile happy sad angry serious looking camera studio lighting render 3d model sculpture statue bust
-marble bronze clay cartoon anime style character closeup close up shot picture image drawing
-painting oil digital art artist sharp focus soft natural sunlight shadow background simple plain
-gray neutral expression mouth nose ear ears lips teeth forehead cheeks chin jaw neck shoulders
-elderly middle aged teenager baby adult male female king queen soldier knight wizard witch monster
-zombie robot alien elf dwarf orc viking samurai clown doctor nurse chef farmer sailor astronaut
-famous actor singer president scientist teacher student man's woman's very highly ultra 4k 8k hd
-trending photorealistic hyperrealistic cinematic dramatic volumetric octane unreal engine number
-head number one two three four five six seven eight nine ten and then this that these those it its
-""".split()
+_CORPUS = [
+  "a",
+  "the",
+  "of",
+  "and",
+  "in",
+  "to",
+  "with",
+  "an",
+  "is",
+  "on",
+  "for",
+  "at",
+  "by",
+  "from",
+  "as",
+  "or",
+  "his",
+  "her",
+  "man",
+  "woman",
+  "photo",
+  "portrait",
+  "face",
+  "head",
+  "view",
+  "front",
+  "side",
+  "back",
+  "overhead",
+  "old",
+  "young",
+  "person",
+  "hair",
+  "eyes",
+  "smiling",
+  "realistic",
+  "detailed",
+  "high",
+  "quality",
+  "beautiful",
+  "bald",
+  "beard",
+  "child",
+  "boy",
+  "girl",
+  "pirate",
+  "painted",
+  "skin",
+  "light",
+  "dark",
+  "white",
+  "black",
+  "red",
+  "blue",
+  "green",
+  "brown",
+  "grey",
+  "gray",
+  "yellow",
+  "orange",
+  "pink",
+  "purple",
+  "golden",
+  "silver",
+  "short",
+  "long",
+  "curly",
+  "straight",
+  "wearing",
+  "hat",
+  "glasses",
+  "smile",
+  "happy",
+  "sad",
+  "angry",
+  "serious",
+  "looking",
+  "camera",
+  "studio",
+  "lighting",
+  "render",
+  "3d",
+  "model",
+  "sculpture",
+  "statue",
+  "bust",
+  "marble",
+  "bronze",
+  "clay",
+  "cartoon",
+  "anime",
+  "style",
+  "character",
+  "closeup",
+  "close",
+  "up",
+  "shot",
+  "picture",
+  "image",
+  "drawing",
+  "painting",
+  "oil",
+  "digital",
+  "art",
+  "artist",
+  "sharp",
+  "focus",
+  "soft",
+  "natural",
+  "sunlight",
+  "shadow",
+  "background",
+  "simple",
+  "plain",
+  "gray",
+  "neutral",
+  "expression",
+  "mouth",
+  "nose",
+  "ear",
+  "ears",
+  "lips",
+  "teeth",
+  "forehead",
+  "cheeks",
+  "chin",
+  "jaw",
+  "neck",
+  "shoulders",
+  "elderly",
+  "middle",
+  "aged",
+  "teenager",
+  "baby",
+  "adult",
+  "male",
+  "female",
+  "king",
+  "queen",
+  "soldier",
+  "knight",
+  "wizard",
+  "witch",
+  "monster",
+  "zombie",
+  "robot",
+  "alien",
+  "elf",
+  "dwarf",
+  "orc",
+  "viking",
+  "samurai",
+  "clown",
+  "doctor",
+  "nurse",
+  "chef",
+  "farmer",
+  "sailor",
+  "astronaut",
+  "famous",
+  "actor",
+  "singer",
+  "president",
+  "scientist",
+  "teacher",
+  "student",
+  "man's",
+  "woman's",
+  "very",
+  "highly",
+  "ultra",
+  "4k",
+  "8k",
+  "hd",
+  "trending",
+  "photorealistic",
+  "hyperrealistic",
+  "cinematic",
+  "dramatic",
+  "volumetric",
+  "octane",
+  "unreal",
+  "engine",
+  "number",
+  "head",
+  "number",
+  "one",
+  "two",
+  "three",
+  "four",
+  "five",
+  "six",
+  "seven",
+  "eight",
+  "nine",
+  "ten",
+  "and",
+  "then",
+  "this",
+  "that",
+  "these",
+  "those",
+  "it",
+  "its",
+]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
   """The byte -> printable-character table of byte-level BPE (GPT-2 / CLIP)."""
-  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-               + list(range(ord("®"), ord("ÿ") + 1)))
+  printable = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+  )
   table = {b: chr(b) for b in printable}
   extra = 0
   for b in range(256):
@@ -175,17 +370,17 @@ def _train_bpe(words: list[str], num_merges: int) -> list[tuple[str, str]]:
   freqs: dict[tuple[str, ...], float] = collections.OrderedDict()
   for rank, word in enumerate(words):
     chars = [byte_chars[b] for b in word.encode("utf-8")]
-    symbols = tuple(chars[:-1] + [chars[-1] + "</w>"])
+    symbols = tuple([*chars[:-1], chars[-1] + "</w>"])
     freqs[symbols] = freqs.get(symbols, 0.0) + 1.0 / (rank + 10)
   merges = []
   for _ in range(num_merges):
     pair_counts: dict[tuple[str, str], float] = collections.OrderedDict()
     for symbols, f in freqs.items():
-      for pair in zip(symbols[:-1], symbols[1:]):
+      for pair in itertools.pairwise(symbols):
         pair_counts[pair] = pair_counts.get(pair, 0.0) + f
     if not pair_counts:
       break
-    best = max(pair_counts, key=lambda p: pair_counts[p])   # max keeps the first of equal counts
+    best = max(pair_counts, key=lambda p: pair_counts[p])  # max keeps the first of equal counts
     merges.append(best)
     merged: dict[tuple[str, ...], float] = collections.OrderedDict()
     for symbols, f in freqs.items():
@@ -253,8 +448,9 @@ def _resnet(shapes: dict, prefix: str, c_in: int, c_out: int, temb: int | None) 
     _conv(shapes, f"{prefix}.conv_shortcut", c_in, c_out, 1)
 
 
-def _transformer_2d(shapes: dict, prefix: str, channels: int, cross_dim: int, linear_proj: bool,
-                    num_layers: int) -> None:
+def _transformer_2d(
+  shapes: dict, prefix: str, channels: int, cross_dim: int, linear_proj: bool, num_layers: int
+) -> None:
   _norm(shapes, f"{prefix}.norm", channels)
   if linear_proj:
     _linear(shapes, f"{prefix}.proj_in", channels, channels)
@@ -269,7 +465,7 @@ def _transformer_2d(shapes: dict, prefix: str, channels: int, cross_dim: int, li
       _linear(shapes, f"{block}.{name}.to_out.0", channels, channels)
     for i in (1, 2, 3):
       _norm(shapes, f"{block}.norm{i}", channels)
-    _linear(shapes, f"{block}.ff.net.0.proj", channels, 8 * channels)   # GEGLU: 2 x (4 x dim)
+    _linear(shapes, f"{block}.ff.net.0.proj", channels, 8 * channels)  # GEGLU: 2 x (4 x dim)
     _linear(shapes, f"{block}.ff.net.2", 4 * channels, channels)
   if linear_proj:
     _linear(shapes, f"{prefix}.proj_out", channels, channels)
@@ -297,8 +493,9 @@ def unet_state_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     for j in range(layers[i]):
       _resnet(shapes, f"down_blocks.{i}.resnets.{j}", c_in if j == 0 else c_out, c_out, temb)
       if block_type == "CrossAttnDownBlock2D":
-        _transformer_2d(shapes, f"down_blocks.{i}.attentions.{j}", c_out, cross, linear_proj,
-                        tf_layers[i])
+        _transformer_2d(
+          shapes, f"down_blocks.{i}.attentions.{j}", c_out, cross, linear_proj, tf_layers[i]
+        )
       elif block_type != "DownBlock2D":
         raise ValueError(f"unsupported down block type {block_type!r}")
       skips.append(c_out)
@@ -319,8 +516,9 @@ def unet_state_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
       skip = skips.pop()
       _resnet(shapes, f"up_blocks.{i}.resnets.{j}", (prev if j == 0 else c_out) + skip, c_out, temb)
       if block_type == "CrossAttnUpBlock2D":
-        _transformer_2d(shapes, f"up_blocks.{i}.attentions.{j}", c_out, cross, linear_proj,
-                        reversed_tf[i])
+        _transformer_2d(
+          shapes, f"up_blocks.{i}.attentions.{j}", c_out, cross, linear_proj, reversed_tf[i]
+        )
       elif block_type != "UpBlock2D":
         raise ValueError(f"unsupported up block type {block_type!r}")
     if i < n - 1:
@@ -350,8 +548,9 @@ def vae_state_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   for i in range(n):
     c_in, c_out = c_out, channels[i]
     for j in range(layers):
-      _resnet(shapes, f"encoder.down_blocks.{i}.resnets.{j}", c_in if j == 0 else c_out, c_out,
-              None)
+      _resnet(
+        shapes, f"encoder.down_blocks.{i}.resnets.{j}", c_in if j == 0 else c_out, c_out, None
+      )
     if i < n - 1:
       _conv(shapes, f"encoder.down_blocks.{i}.downsamplers.0.conv", c_out, c_out, 3)
   _vae_mid_block(shapes, "encoder.mid_block", channels[-1])
@@ -378,8 +577,8 @@ def clip_text_state_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ..
   """State-dict shapes of a transformers `CLIPTextModel`, with the `text_model.` prefix of SD."""
   d = config["hidden_size"]
   shapes: dict[str, tuple[int, ...]] = {
-      "text_model.embeddings.token_embedding.weight": (config["vocab_size"], d),
-      "text_model.embeddings.position_embedding.weight": (config["max_position_embeddings"], d),
+    "text_model.embeddings.token_embedding.weight": (config["vocab_size"], d),
+    "text_model.embeddings.position_embedding.weight": (config["max_position_embeddings"], d),
   }
   for layer in range(config["num_hidden_layers"]):
     prefix = f"text_model.encoder.layers.{layer}"
@@ -409,8 +608,10 @@ def random_state(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, 
   for key, shape in shapes.items():
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
     module = key.rsplit(".", 1)[0]
-    is_norm = any(part.startswith(("norm", "layer_norm", "final_layer_norm", "group_norm",
-                                   "conv_norm_out")) for part in module.split("."))
+    is_norm = any(
+      part.startswith(("norm", "layer_norm", "final_layer_norm", "group_norm", "conv_norm_out"))
+      for part in module.split(".")
+    )
     if key.endswith(".bias"):
       value = 0.05 * rng.standard_normal(shape)
     elif is_norm:
@@ -428,8 +629,11 @@ def _write_json(path: Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_tokenizer(folder: str | os.PathLike, vocab: dict[str, int] | None = None,
-                    merges: list[tuple[str, str]] | None = None) -> Path:
+def write_tokenizer(
+  folder: str | os.PathLike,
+  vocab: dict[str, int] | None = None,
+  merges: list[tuple[str, str]] | None = None,
+) -> Path:
   """Writes the tiny CLIP tokenizer (vocab.json, merges.txt and its configs) into `folder`."""
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
@@ -439,12 +643,23 @@ def write_tokenizer(folder: str | os.PathLike, vocab: dict[str, int] | None = No
   with open(folder / "merges.txt", "w", encoding="utf-8") as f:
     f.write("#version: 0.2 (sdsjax tiny-random)\n")
     f.writelines(f"{a} {b}\n" for a, b in merges)
-  specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
-              "unk_token": EOS_TOKEN}
+  specials = {
+    "bos_token": BOS_TOKEN,
+    "eos_token": EOS_TOKEN,
+    "pad_token": EOS_TOKEN,
+    "unk_token": EOS_TOKEN,
+  }
   _write_json(folder / "special_tokens_map.json", specials)
-  _write_json(folder / "tokenizer_config.json",
-              dict(specials, tokenizer_class="CLIPTokenizer", model_max_length=MAX_LENGTH,
-                   do_lower_case=True, clean_up_tokenization_spaces=True))
+  _write_json(
+    folder / "tokenizer_config.json",
+    dict(
+      specials,
+      tokenizer_class="CLIPTokenizer",
+      model_max_length=MAX_LENGTH,
+      do_lower_case=True,
+      clean_up_tokenization_spaces=True,
+    ),
+  )
   return folder
 
 
@@ -461,23 +676,33 @@ def write_tiny_random(folder: str | os.PathLike) -> Path:
   for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
     (folder / sub).mkdir(parents=True, exist_ok=True)
   vocab, merges = tokenizer_files()
-  text_config = dict(TEXT_ENCODER_CONFIG, vocab_size=len(vocab), bos_token_id=vocab[BOS_TOKEN],
-                     eos_token_id=vocab[EOS_TOKEN], pad_token_id=vocab[EOS_TOKEN])
+  text_config = dict(
+    TEXT_ENCODER_CONFIG,
+    vocab_size=len(vocab),
+    bos_token_id=vocab[BOS_TOKEN],
+    eos_token_id=vocab[EOS_TOKEN],
+    pad_token_id=vocab[EOS_TOKEN],
+  )
   components = (
-      ("unet", UNET_CONFIG, unet_state_shapes, "diffusion_pytorch_model.safetensors", 1),
-      ("vae", VAE_CONFIG, vae_state_shapes, "diffusion_pytorch_model.safetensors", 2),
-      ("text_encoder", text_config, clip_text_state_shapes, "model.safetensors", 3),
+    ("unet", UNET_CONFIG, unet_state_shapes, "diffusion_pytorch_model.safetensors", 1),
+    ("vae", VAE_CONFIG, vae_state_shapes, "diffusion_pytorch_model.safetensors", 2),
+    ("text_encoder", text_config, clip_text_state_shapes, "model.safetensors", 3),
   )
   for sub, config, layout, filename, offset in components:
     _write_json(folder / sub / "config.json", config)
-    save_file(random_state(layout(config), SEED + offset), str(folder / sub / filename),
-              metadata={"format": "pt"})
+    save_file(
+      random_state(layout(config), SEED + offset),
+      str(folder / sub / filename),
+      metadata={"format": "pt"},
+    )
   write_tokenizer(folder / "tokenizer", vocab, merges)
   _write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
   _write_json(folder / "model_index.json", MODEL_INDEX)
   (folder / "README.md").write_text(
-      "sdsjax tiny-random: a tiny Stable Diffusion with deterministic RANDOM weights, for tests.\n"
-      "It is not a real model; its outputs mean nothing.\n", encoding="utf-8")
+    "sdsjax tiny-random: a tiny Stable Diffusion with deterministic RANDOM weights, for tests.\n"
+    "It is not a real model; its outputs mean nothing.\n",
+    encoding="utf-8",
+  )
   return folder
 
 

@@ -10,15 +10,20 @@ is the number of HEADS per block (a famous misnomer), and each head has out_chan
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
 from sdsjax.models.attention import Transformer2DModel
-from sdsjax.models.embeddings import TimestepEmbedding, timestep_embedding
-from sdsjax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
+from sdsjax.models.embeddings import TimestepEmbedding
+from sdsjax.models.embeddings import timestep_embedding
+from sdsjax.models.resnet import Downsample2D
+from sdsjax.models.resnet import ResnetBlock2D
+from sdsjax.models.resnet import Upsample2D
+from sdsjax.models.resnet import conv
 
 _SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -30,6 +35,7 @@ def _per_block(value, n: int) -> tuple:
 
 class DownBlock(nn.Module):
   """(CrossAttn)DownBlock2D: resnets (+ transformers), then an optional stride-2 conv."""
+
   out_channels: int
   num_layers: int
   heads: int
@@ -46,12 +52,20 @@ class DownBlock(nn.Module):
   def __call__(self, x, temb, context):
     skips = []
     for i in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dtype,
-                        name=f"resnets_{i}")(x, temb)
+      x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dtype, name=f"resnets_{i}")(
+        x, temb
+      )
       if self.cross_attention:
-        x = Transformer2DModel(self.heads, self.out_channels // self.heads,
-                               self.transformer_layers, self.groups, self.use_linear_projection,
-                               self.upcast, self.dtype, name=f"attentions_{i}")(x, context)
+        x = Transformer2DModel(
+          self.heads,
+          self.out_channels // self.heads,
+          self.transformer_layers,
+          self.groups,
+          self.use_linear_projection,
+          self.upcast,
+          self.dtype,
+          name=f"attentions_{i}",
+        )(x, context)
       skips.append(x)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
@@ -61,6 +75,7 @@ class DownBlock(nn.Module):
 
 class UpBlock(nn.Module):
   """(CrossAttn)UpBlock2D: resnets on [x, skip] (+ transformers), then an optional upsample."""
+
   out_channels: int
   num_layers: int
   heads: int
@@ -77,12 +92,20 @@ class UpBlock(nn.Module):
   def __call__(self, x, skips, temb, context):
     for i in range(self.num_layers):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dtype,
-                        name=f"resnets_{i}")(x, temb)
+      x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dtype, name=f"resnets_{i}")(
+        x, temb
+      )
       if self.cross_attention:
-        x = Transformer2DModel(self.heads, self.out_channels // self.heads,
-                               self.transformer_layers, self.groups, self.use_linear_projection,
-                               self.upcast, self.dtype, name=f"attentions_{i}")(x, context)
+        x = Transformer2DModel(
+          self.heads,
+          self.out_channels // self.heads,
+          self.transformer_layers,
+          self.groups,
+          self.use_linear_projection,
+          self.upcast,
+          self.dtype,
+          name=f"attentions_{i}",
+        )(x, context)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
     return x
@@ -90,6 +113,7 @@ class UpBlock(nn.Module):
 
 class MidBlock(nn.Module):
   """UNetMidBlock2DCrossAttn: resnet -> transformer -> resnet."""
+
   channels: int
   heads: int
   groups: int
@@ -102,15 +126,24 @@ class MidBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, context):
     x = ResnetBlock2D(self.channels, self.groups, self.eps, self.dtype, name="resnets_0")(x, temb)
-    x = Transformer2DModel(self.heads, self.channels // self.heads, self.transformer_layers,
-                           self.groups, self.use_linear_projection, self.upcast, self.dtype,
-                           name="attentions_0")(x, context)
-    return ResnetBlock2D(self.channels, self.groups, self.eps, self.dtype,
-                         name="resnets_1")(x, temb)
+    x = Transformer2DModel(
+      self.heads,
+      self.channels // self.heads,
+      self.transformer_layers,
+      self.groups,
+      self.use_linear_projection,
+      self.upcast,
+      self.dtype,
+      name="attentions_0",
+    )(x, context)
+    return ResnetBlock2D(self.channels, self.groups, self.eps, self.dtype, name="resnets_1")(
+      x, temb
+    )
 
 
 class UNet2DConditionModel(nn.Module):
   """ε (or v) prediction: (B, H, W, 4) latents, (B,) timesteps, (B, L, D) text -> (B, H, W, 4)."""
+
   in_channels: int = 4
   out_channels: int = 4
   down_block_types: Sequence[str] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -130,7 +163,7 @@ class UNet2DConditionModel(nn.Module):
   dtype: Any = jnp.float32
 
   @classmethod
-  def from_config(cls, config: dict, dtype=jnp.float32, **kw) -> "UNet2DConditionModel":
+  def from_config(cls, config: dict, dtype=jnp.float32, **kw) -> UNet2DConditionModel:
     names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
     args = {k: v for k, v in config.items() if k in names}
     for key in ("down_block_types", "up_block_types", "block_out_channels"):
@@ -158,29 +191,53 @@ class UNet2DConditionModel(nn.Module):
     c0 = self.block_out_channels[0]
     temb = timestep_embedding(timesteps, c0, self.flip_sin_to_cos, self.freq_shift)
     temb = TimestepEmbedding(4 * c0, dtype=self.dtype, name="time_embedding")(
-        temb.astype(self.dtype))
+      temb.astype(self.dtype)
+    )
     context = encoder_hidden_states.astype(self.dtype)
-    common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
-                  use_linear_projection=self.use_linear_projection, upcast=self.upcast_attention,
-                  dtype=self.dtype)
+    common = dict(
+      groups=self.norm_num_groups,
+      eps=self.norm_eps,
+      use_linear_projection=self.use_linear_projection,
+      upcast=self.upcast_attention,
+      dtype=self.dtype,
+    )
 
     x = conv(c0, 3, "conv_in", self.dtype)(sample.astype(self.dtype))
     skips = [x]
     for i, kind in enumerate(self.down_block_types):
       x, block_skips = DownBlock(
-          self.block_out_channels[i], self.layers_per_block, heads[i],
-          kind.startswith("CrossAttn"), i < n - 1, transformer_layers=layers[i],
-          name=f"down_blocks_{i}", **common)(x, temb, context)
+        self.block_out_channels[i],
+        self.layers_per_block,
+        heads[i],
+        kind.startswith("CrossAttn"),
+        i < n - 1,
+        transformer_layers=layers[i],
+        name=f"down_blocks_{i}",
+        **common,
+      )(x, temb, context)
       skips += block_skips
-    x = MidBlock(self.block_out_channels[-1], heads[-1], transformer_layers=layers[-1],
-                 name="mid_block", **common)(x, temb, context)
+    x = MidBlock(
+      self.block_out_channels[-1],
+      heads[-1],
+      transformer_layers=layers[-1],
+      name="mid_block",
+      **common,
+    )(x, temb, context)
     rev_channels = tuple(reversed(self.block_out_channels))
     rev_heads, rev_layers = tuple(reversed(heads)), tuple(reversed(layers))
     for i, kind in enumerate(self.up_block_types):
-      x = UpBlock(rev_channels[i], self.layers_per_block + 1, rev_heads[i],
-                  kind.startswith("CrossAttn"), i < n - 1, transformer_layers=rev_layers[i],
-                  name=f"up_blocks_{i}", **common)(x, skips, temb, context)
-    x = nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype,
-                     name="conv_norm_out")(x)
+      x = UpBlock(
+        rev_channels[i],
+        self.layers_per_block + 1,
+        rev_heads[i],
+        kind.startswith("CrossAttn"),
+        i < n - 1,
+        transformer_layers=rev_layers[i],
+        name=f"up_blocks_{i}",
+        **common,
+      )(x, skips, temb, context)
+    x = nn.GroupNorm(
+      self.norm_num_groups, epsilon=self.norm_eps, dtype=self.dtype, name="conv_norm_out"
+    )(x)
     x = conv(self.out_channels, 3, "conv_out", self.dtype)(nn.silu(x))
     return x.astype(jnp.float32)

@@ -18,26 +18,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-M = 4           # output tile side
-A = M + 2       # input tile side (M + 3 - 1)
+M = 4  # output tile side
+A = M + 2  # input tile side (M + 3 - 1)
 
 # Interpolation points 0, ±1, ±2 and ∞.
-B_T = np.array([[4, 0, -5, 0, 1, 0],
-                [0, -4, -4, 1, 1, 0],
-                [0, 4, -4, -1, 1, 0],
-                [0, -2, -1, 2, 1, 0],
-                [0, 2, -1, -2, 1, 0],
-                [0, 4, 0, -5, 0, 1]], np.float64)
-G = np.array([[1 / 4, 0, 0],
-              [-1 / 6, -1 / 6, -1 / 6],
-              [-1 / 6, 1 / 6, -1 / 6],
-              [1 / 24, 1 / 12, 1 / 6],
-              [1 / 24, -1 / 12, 1 / 6],
-              [0, 0, 1]], np.float64)
-A_T = np.array([[1, 1, 1, 1, 1, 0],
-                [0, 1, -1, 2, -2, 0],
-                [0, 1, 1, 4, 4, 0],
-                [0, 1, -1, 8, -8, 1]], np.float64)
+B_T = np.array(
+  [
+    [4, 0, -5, 0, 1, 0],
+    [0, -4, -4, 1, 1, 0],
+    [0, 4, -4, -1, 1, 0],
+    [0, -2, -1, 2, 1, 0],
+    [0, 2, -1, -2, 1, 0],
+    [0, 4, 0, -5, 0, 1],
+  ],
+  np.float64,
+)
+G = np.array(
+  [
+    [1 / 4, 0, 0],
+    [-1 / 6, -1 / 6, -1 / 6],
+    [-1 / 6, 1 / 6, -1 / 6],
+    [1 / 24, 1 / 12, 1 / 6],
+    [1 / 24, -1 / 12, 1 / 6],
+    [0, 0, 1],
+  ],
+  np.float64,
+)
+A_T = np.array(
+  [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64
+)
 
 
 def _combine(matrix: np.ndarray, terms: list[jax.Array]) -> list[jax.Array]:
@@ -64,11 +73,11 @@ def _input_transform(x: jax.Array) -> jax.Array:
   # Tile k spans rows 4k..4k+5: the 4 rows of block k and the first 2 of block k+1. Splitting
   # rows into (block, row-in-block) turns the overlapping windows into plain slices.
   xr = xp.reshape(b, th + 1, M, xp.shape[2], c)
-  rows = [xr[:, i // M:i // M + th, i % M] for i in range(A)]          # (B, th, Wp, C)
-  rows = jnp.stack(_combine(B_T, rows))                                 # (6, B, th, Wp, C)
+  rows = [xr[:, i // M : i // M + th, i % M] for i in range(A)]  # (B, th, Wp, C)
+  rows = jnp.stack(_combine(B_T, rows))  # (6, B, th, Wp, C)
   rr = rows.reshape(A, b, th, tw + 1, M, c)
-  cols = [rr[:, :, :, j // M:j // M + tw, j % M] for j in range(A)]     # (6, B, th, tw, C)
-  v = jnp.stack(_combine(B_T, cols), 1)                                 # (6, 6, B, th, tw, C)
+  cols = [rr[:, :, :, j // M : j // M + tw, j % M] for j in range(A)]  # (6, B, th, tw, C)
+  v = jnp.stack(_combine(B_T, cols), 1)  # (6, 6, B, th, tw, C)
   return v.reshape(A * A, b * th * tw, c)
 
 
@@ -76,8 +85,8 @@ def _output_transform(m: jax.Array, b: int, h: int, w: int) -> jax.Array:
   """m (36, B·th·tw, Cout) -> (B, H, W, Cout): A_T m A of every tile, tiles put in place."""
   th, tw = -(-h // M), -(-w // M)
   m = m.reshape(A, A, b, th, tw, -1)
-  r = jnp.stack(_combine(A_T, [m[i] for i in range(A)]))                # (4, 6, B, th, tw, O)
-  y = jnp.stack(_combine(A_T, [r[:, j] for j in range(A)]), -2)         # (4, B, th, tw, 4, O)
+  r = jnp.stack(_combine(A_T, [m[i] for i in range(A)]))  # (4, 6, B, th, tw, O)
+  y = jnp.stack(_combine(A_T, [r[:, j] for j in range(A)]), -2)  # (4, B, th, tw, 4, O)
   y = y.transpose(1, 2, 0, 3, 4, 5).reshape(b, th * M, tw * M, -1)
   return y[:, :h, :w]
 
@@ -94,13 +103,13 @@ def _winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
   b, h, w, _ = x.shape
   v = _input_transform(x)
   u = _kernel_transform(kernel)
-  m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))         # 36 GEMMs (T, Cout)
+  m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # 36 GEMMs (T, Cout)
   return _output_transform(m, b, h, w)
 
 
 @jax.custom_vjp
 def conv3x3_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """"SAME" 3×3 stride-1 convolution. x: (B, H, W, Cin); kernel: (3, 3, Cin, Cout) ->
+  """ "SAME" 3×3 stride-1 convolution. x: (B, H, W, Cin); kernel: (3, 3, Cin, Cout) ->
   (B, H, W, Cout)."""
   return _winograd(x, kernel)
 
@@ -115,8 +124,11 @@ def _bwd(res, dy):
   # kernel rotated by 180° and its channel axes swapped.
   dx = _winograd(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
   _, kernel_vjp = jax.vjp(
-      lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)
+    lambda k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ),
+    kernel,
+  )
   return dx, kernel_vjp(dy)[0]
 
 
