@@ -159,12 +159,23 @@ def test_vae_parity():
   xt = torch.from_numpy(images).requires_grad_(True)
   pt.encode(xt).latent_dist.mean.sum().backward()
   want_grad = xt.grad.numpy().transpose(0, 2, 3, 1)
+
+  def encode_grad(module, params):  # params as a jit argument, as in a fit (not folded)
+    mean = lambda x, p: module.apply({"params": p}, x, method=module.encode)[0].sum()
+    return jax.jit(jax.grad(mean))(x, params)
+
+  grads = {}
   for remat, policy in ((True, "convs"), (True, "blocks"), (False, "auto")):
-    variant = model.clone(remat=remat, remat_policy=policy)
-    grad = jax.jit(
-      jax.grad(lambda x: variant.apply({"params": params}, x, method=variant.encode)[0].sum())
-    )(x)
-    assert _rel_err(grad, want_grad) < TOL, policy
+    grads[policy] = encode_grad(model.clone(remat=remat, remat_policy=policy), params)
+    assert _rel_err(grads[policy], want_grad) < TOL, policy
+  # Winograd kernel transforms prepared once (CPU): found inside the remat blocks, same bits.
+  from sdsjax.models import resnet
+
+  prepared = resnet.prepare_winograd(model, params, (x,), method=model.encode, input_gradients=True)
+  if jax.default_backend() == "cpu":
+    assert "winograd_kernel" in prepared["encoder"]["down_blocks_0"]["resnets_0"]["conv1"]
+  grad = encode_grad(model.clone(remat=True, remat_policy="convs"), prepared)
+  np.testing.assert_array_equal(grad, grads["convs"])
   with pytest.raises(ValueError, match="remat_policy"):
     model.clone(remat_policy="everything").apply({"params": params}, x, method="encode")
 
@@ -195,6 +206,30 @@ def _small_unet_target():
     jnp.zeros((1, 7, 48)),
   )["params"]
   return _numpy_state(pt), target
+
+
+@pytest.mark.parametrize(
+  "component, config",
+  [("unet", UNET_SD15), ("unet", UNET_SD21), ("vae", VAE), ("text_encoder", CLIP_SD21)],
+  ids=["unet_sd15", "unet_sd21", "vae", "clip"],
+)
+def test_state_dict_layout_is_the_pytorch_one(component, config):
+  """convert.torch_state_shapes of the Flax tree gives exactly the PyTorch model's state dict
+  (what tiny_random.write_random_checkpoint writes)."""
+  from sdsjax.models import stable_diffusion
+
+  if component == "unet":
+    pt = diffusers.UNet2DConditionModel(**config)
+  elif component == "vae":
+    pt = diffusers.AutoencoderKL(**config)
+  else:
+    pt = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config))
+  pt_config = pt.config.to_dict() if component == "text_encoder" else dict(pt.config)
+  _, target = stable_diffusion.build_component(component, pt_config)
+  want = {k: tuple(v.shape) for k, v in pt.state_dict().items() if not k.endswith("position_ids")}
+  # transformers >= 5 drops CLIP's `text_model.` root from state dicts; SD checkpoints have it.
+  unrooted = lambda shapes: {k.removeprefix("text_model."): v for k, v in shapes.items()}
+  assert unrooted(convert.torch_state_shapes(target)) == unrooted(want)
 
 
 def test_checkpoint_errors_name_the_key():
@@ -229,6 +264,20 @@ def test_conversion_rules():
     "attentions_0",
     "to_q",
     "bias",
+  )
+  # The inverse: numbered children of ModuleLists only (TimestepEmbedding's linear_1 is not one).
+  assert (
+    convert.torch_key(("time_embedding", "linear_1", "kernel")) == "time_embedding.linear_1.weight"
+  )
+  assert (
+    convert.torch_key(
+      ("up_blocks_1", "attentions_0", "transformer_blocks_0", "ff", "net_0", "proj", "bias")
+    )
+    == "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.bias"
+  )
+  assert (
+    convert.torch_key(("text_model", "final_layer_norm", "scale"))
+    == "text_model.final_layer_norm.weight"
   )
   conv_w = np.arange(2 * 3 * 3 * 5, dtype=np.float32).reshape(2, 3, 3, 5)  # O, I, kh, kw
   name, k = convert.convert_leaf(conv_w, "weight", {"kernel": np.zeros((3, 5, 3, 2))})
@@ -279,3 +328,19 @@ def test_conv2d_matches_torch(shape, kernel, stride, padding, out, algorithm):
   close(got, want.permute(0, 2, 3, 1))
   close(dx, xt.grad.permute(0, 2, 3, 1))
   close(dparams["kernel"], wt.grad.permute(2, 3, 1, 0))
+
+  # With the kernel transforms prepared once: the same bits, forward and backward.
+  from sdsjax.models import resnet
+
+  prepared = resnet.prepare_winograd(conv, params, (jnp.asarray(x),), input_gradients=True)
+  extra = set(prepared) - set(params)
+  assert extra == (
+    {resnet.WINOGRAD_KERNEL, resnet.WINOGRAD_INPUT_GRADIENT_KERNEL}
+    if algorithm == "winograd"
+    else set()
+  )
+  got_p, vjp_p = jax.vjp(lambda p, x: conv.apply({"params": p}, x), prepared, jnp.asarray(x))
+  dparams_p, dx_p = vjp_p(jnp.asarray(dy.transpose(0, 2, 3, 1)))
+  np.testing.assert_array_equal(got_p, got)
+  np.testing.assert_array_equal(dx_p, dx)
+  np.testing.assert_array_equal(dparams_p["kernel"], dparams["kernel"])

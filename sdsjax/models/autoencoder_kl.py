@@ -8,7 +8,6 @@ large.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sdsjax.models.attention import Attention
+from sdsjax.models.module_config import module_from_config
 from sdsjax.models.resnet import Downsample2D
 from sdsjax.models.resnet import ResnetBlock2D
 from sdsjax.models.resnet import Upsample2D
@@ -163,21 +163,14 @@ class AutoencoderKL(nn.Module):
 
   @classmethod
   def from_config(cls, config: dict, dtype=jnp.float32, **kw) -> AutoencoderKL:
-    names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
-    args = {k: v for k, v in config.items() if k in names}
-    for key in ("down_block_types", "up_block_types", "block_out_channels"):
-      if key in args:
-        args[key] = tuple(args[key])
     for key, kind in (
       ("down_block_types", "DownEncoderBlock2D"),
       ("up_block_types", "UpDecoderBlock2D"),
     ):
-      bad = [b for b in args.get(key, ()) if b != kind]
+      bad = [b for b in config.get(key, ()) if b != kind]
       if bad:
         raise NotImplementedError(f"{key} {bad[0]} is not supported (only {kind})")
-    args["scaling_factor"] = float(args.get("scaling_factor") or 0.18215)
-    args.update(kw)
-    return cls(**args, dtype=dtype)
+    return module_from_config(cls, config, dtype, **kw)
 
   def setup(self):
     self.encoder = Encoder(

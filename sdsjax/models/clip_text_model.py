@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sdsjax.models.attention import attend
+from sdsjax.models.module_config import module_from_config
 
 _ACTIVATIONS = {
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -148,11 +149,9 @@ class CLIPTextModel(nn.Module):
 
   @classmethod
   def from_config(cls, config: dict, dtype=jnp.float32, **kw) -> CLIPTextModel:
-    names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
-    args = {k: v for k, v in config.items() if k in names}
-    if args.get("hidden_act", "quick_gelu") not in _ACTIVATIONS:
-      raise NotImplementedError(f"hidden_act {args['hidden_act']!r} is not supported")
-    return cls(**args, dtype=dtype, **kw)
+    if config.get("hidden_act", "quick_gelu") not in _ACTIVATIONS:
+      raise NotImplementedError(f"hidden_act {config['hidden_act']!r} is not supported")
+    return module_from_config(cls, config, dtype, **kw)
 
   @nn.compact
   def __call__(self, input_ids):

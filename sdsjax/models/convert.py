@@ -1,23 +1,24 @@
-"""PyTorch state dicts (diffusers / transformers layout) -> Flax parameter trees.
+"""PyTorch state dicts (diffusers / transformers layout) <-> Flax parameter trees.
 
-The Flax modules name their parameters after the PyTorch modules, so one set of rules maps every
-checkpoint, and a reader can match weights by eye:
+Every rename between the two layouts lives here. The Flax modules name their parameters after
+the PyTorch modules, so one set of rules maps every checkpoint, and a reader can match weights by
+eye:
 
   key path    `down_blocks.0.attentions.1.proj_in.weight` -> ('down_blocks_0', 'attentions_1',
               'proj_in', <leaf>): a numeric part joins the name before it with '_'.
   legacy      VAE attention `query`/`key`/`value`/`proj_attn` (diffusers < 0.14 checkpoints)
               -> `to_q`/`to_k`/`to_v`/`to_out.0` (only right after an `attentions.N`).
+  prefix      CLIP: the Flax tree mirrors transformers' `text_model.` root. State dicts without
+              it get it prepended: transformers >= 5 saves CLIPTextModel without the prefix,
+              while older checkpoints (e.g. SD's `text_encoder/model.safetensors`) have it.
   leaf        weight -> kernel  conv (O, I, kh, kw) -> (kh, kw, I, O); linear (O, I) -> (I, O)
               weight -> scale   norms (GroupNorm, LayerNorm)
               weight -> embedding  embeddings, unchanged
               bias   -> bias    unchanged
 
-  prefix      CLIP: the Flax tree mirrors transformers' `text_model.` root; state dicts without
-              it (transformers >= 5 saves CLIPTextModel without the prefix, older
-              checkpoints, e.g. SD's `text_encoder/model.safetensors`, have it) get it prepended.
-
 Which leaf a `weight` becomes is read off the target tree (from `jax.eval_shape` of the module's
-init), so the rules never guess. Works on numpy arrays only: torch is not needed.
+init), so the rules never guess. `torch_state_shapes` is the inverse: the state-dict layout a
+Flax tree corresponds to. Works on numpy arrays only: torch is not needed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from sdsjax.errors import CheckpointError
 
@@ -33,6 +35,24 @@ from sdsjax.errors import CheckpointError
 IGNORED_SUFFIXES = ("position_ids",)
 # Old diffusers names of the VAE's mid-block attention projections -> current names.
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}
+# The PyTorch ModuleLists and Sequentials whose children are numbered. A Flax name `resnets_1`
+# is the child `resnets.1`, while `linear_1` (TimestepEmbedding) is a plain attribute.
+INDEXED_MODULES = frozenset(
+  {
+    "down_blocks",
+    "up_blocks",
+    "resnets",
+    "attentions",
+    "downsamplers",
+    "upsamplers",
+    "transformer_blocks",
+    "to_out",
+    "net",
+    "layers",
+  }
+)
+# Flax leaf names -> the PyTorch parameter name they come from.
+TORCH_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 def flax_path(key: str) -> tuple[str, ...]:
@@ -46,6 +66,36 @@ def flax_path(key: str) -> tuple[str, ...]:
     else:
       out.append(part)
   return tuple(out)
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+  """The inverse of `flax_path` with the leaf renamed: ('time_embedding', 'linear_1', 'kernel')
+  -> 'time_embedding.linear_1.weight'; ('down_blocks_0', 'conv', 'kernel') -> dotted."""
+  parts = []
+  for part in path[:-1]:
+    head, _, index = part.rpartition("_")
+    parts.append(f"{head}.{index}" if head in INDEXED_MODULES and index.isdigit() else part)
+  return ".".join([*parts, TORCH_LEAF_NAMES.get(path[-1], path[-1])])
+
+
+def torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+  """The PyTorch shape of a Flax leaf: kernels back to (O, I, kh, kw) or (O, I)."""
+  if leaf == "kernel" and len(flax_shape) == 4:
+    kh, kw, i, o = flax_shape
+    return (o, i, kh, kw)
+  if leaf == "kernel" and len(flax_shape) == 2:
+    return tuple(reversed(flax_shape))
+  return tuple(flax_shape)
+
+
+def torch_state_shapes(target: Mapping) -> dict[str, tuple[int, ...]]:
+  """The state-dict keys and shapes that `convert_state_dict` maps onto `target` (a Flax
+  parameter tree of arrays or ShapeDtypeStructs), in the current diffusers / transformers names.
+  """
+  return {
+    torch_key(path): torch_shape(tuple(leaf.shape), path[-1])
+    for path, leaf in traverse_util.flatten_dict(dict(target)).items()
+  }
 
 
 def convert_leaf(value: np.ndarray, leaf: str, target_leaves: Mapping[str, Any]):
@@ -68,23 +118,14 @@ def convert_leaf(value: np.ndarray, leaf: str, target_leaves: Mapping[str, Any])
   return "scale", value
 
 
-def _flatten(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, (*prefix, k)))
-    else:
-      flat[(*prefix, k)] = v
-  return flat
-
-
-def _torch_name(path: tuple[str, ...]) -> str:
-  """Inverse of `flax_path` for messages: ('down_blocks_0', 'conv', 'kernel') -> dotted."""
-  parts = []
-  for p in path:
-    head, _, tail = p.rpartition("_")
-    parts.append(f"{head}.{tail}" if head and tail.isdigit() else p)
-  return ".".join(parts)
+def _with_root(state: Mapping[str, np.ndarray], target: Mapping) -> Mapping[str, np.ndarray]:
+  """Prepends the target's single root module (CLIP's `text_model`) where the state lacks it."""
+  if len(target) != 1:
+    return state
+  (root,) = target
+  if any(k.startswith(root + ".") for k in state):
+    return state
+  return {f"{root}.{k}": v for k, v in state.items()}
 
 
 def convert_state_dict(state: Mapping[str, np.ndarray], target: Mapping) -> dict:
@@ -93,12 +134,9 @@ def convert_state_dict(state: Mapping[str, np.ndarray], target: Mapping) -> dict
   Raises:
     CheckpointError: naming the first few missing, unexpected and mis-shaped keys.
   """
-  target = dict(target.get("params", target)) if "params" in target else target
-  flat_target = _flatten(target)
-  if len(target) == 1:
-    (root,) = target
-    if not any(k.startswith(root + ".") for k in state):
-      state = {f"{root}.{k}": v for k, v in state.items()}
+  target = dict(target.get("params", target))
+  state = _with_root(state, target)
+  flat_target = traverse_util.flatten_dict(target)
   by_module: dict[tuple[str, ...], dict[str, Any]] = {}
   for path, leaf in flat_target.items():
     by_module.setdefault(path[:-1], {})[path[-1]] = leaf
@@ -120,17 +158,13 @@ def convert_state_dict(state: Mapping[str, np.ndarray], target: Mapping) -> dict
       continue
     want = tuple(leaves[name].shape)
     if tuple(array.shape) != want:
-      mismatched.append(
-        f"{key} {tuple(np.shape(value))} vs expected "
-        f"{_expected_torch_shape(want, name, np.ndim(value))}"
-      )
+      expected = torch_shape(want, name)
+      if name == "kernel" and len(want) == 4 and np.ndim(value) == 2:
+        expected = expected[:2]  # the 1x1 conv was stored as a Linear
+      mismatched.append(f"{key} {tuple(np.shape(value))} vs expected {expected}")
       continue
     flat_out[(*module, name)] = array
-  missing = [
-    _torch_name(p[:-1]) + "." + ("bias" if p[-1] == "bias" else "weight")
-    for p in flat_target
-    if p not in flat_out
-  ]
+  missing = [torch_key(p) for p in flat_target if p not in flat_out]
   if missing or unexpected or mismatched:
     parts = []
     if missing:
@@ -140,22 +174,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], target: Mapping) -> dict
     if unexpected:
       parts.append(f"unexpected {_few(unexpected)}")
     raise CheckpointError("checkpoint does not match its config: " + "; ".join(parts))
-  out: dict = {}
-  for path, array in flat_out.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = array
-  return out
-
-
-def _expected_torch_shape(flax_shape, name, torch_ndim):
-  if name == "kernel" and len(flax_shape) == 4:
-    kh, kw, i, o = flax_shape
-    return (o, i, kh, kw) if torch_ndim == 4 else (o, i)
-  if name == "kernel" and len(flax_shape) == 2:
-    return tuple(reversed(flax_shape))
-  return tuple(flax_shape)
+  return traverse_util.unflatten_dict(flat_out)
 
 
 def _few(items, n=3):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 from jax.ad_checkpoint import checkpoint_name
 
-from sdsjax.models.winograd import conv3x3_winograd
+from sdsjax.models import winograd
 
 # XLA:CPU's own convolution trails oneDNN's (PyTorch) by 10-20%, while its GEMMs keep pace. So on
 # CPU a convolution becomes GEMMs where that is faster (benchmarks/bench_ops.py, ms vs XLA's):
@@ -20,6 +23,13 @@ from sdsjax.models.winograd import conv3x3_winograd
 # Few channels (the RGB input, the 4-channel latents) leave the transforms nothing to amortise.
 IM2COL_MAX_PIXELS = 64
 WINOGRAD_MIN_CHANNELS = 32
+
+# Optional leaves beside a Conv2D's `kernel` and `bias`: its Winograd kernel transforms, computed
+# once for frozen weights by `prepare_winograd`, and otherwise in every call.
+WINOGRAD_KERNEL = "winograd_kernel"  # (36, Cin, Cout) winograd.transform_kernel(kernel)
+WINOGRAD_INPUT_GRADIENT_KERNEL = "winograd_input_gradient_kernel"  # (36, Cout, Cin)
+# The collection in which a Conv2D that computes by Winograd marks itself (prepare_winograd).
+_WINOGRAD_CONVS = "winograd_convs"
 
 
 def conv_algorithm(x: jax.Array, kernel: int, out_channels: int, stride: int, padding: int) -> str:
@@ -75,7 +85,13 @@ class Conv2D(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     algorithm = conv_algorithm(x, k, self.features, self.stride, self.padding)
     if algorithm == "winograd":
-      y = conv3x3_winograd(x, kernel)
+      if self.is_mutable_collection(_WINOGRAD_CONVS):
+        self.put_variable(_WINOGRAD_CONVS, "uses_winograd", jnp.ones((), jnp.bool_))
+      prepared = (
+        self.get_variable("params", name) if self.has_variable("params", name) else None
+        for name in (WINOGRAD_KERNEL, WINOGRAD_INPUT_GRADIENT_KERNEL)
+      )
+      y = winograd.conv3x3_winograd(x, kernel, *prepared)
     elif algorithm in ("matmul", "im2col"):
       y = conv_im2col(x, kernel, self.padding)
     else:
@@ -89,6 +105,47 @@ class Conv2D(nn.Module):
       )
     # Named so that a remat policy can keep convolution outputs (autoencoder_kl.Encoder).
     return checkpoint_name(y + bias, "conv_out")
+
+
+def prepare_winograd(
+  module: nn.Module,
+  params: Mapping,
+  inputs: Sequence[Any],
+  method=None,
+  input_gradients: bool = False,
+) -> dict:
+  """`params` plus the Winograd kernel transforms of every Conv2D that computes by Winograd in
+  `module.apply({"params": params}, *inputs, method=method)`, for frozen weights.
+
+  Which convolutions use Winograd depends on the backend and the input sizes (`conv_algorithm`):
+  `inputs` need only have the shapes and dtypes of the real ones (a batch of 1 is enough; this
+  traces the module without running it). `input_gradients` adds the transforms for the gradient
+  w.r.t. the convolutions' inputs (4× the kernel's size each, like the forward one). Results are
+  the same as without them; other Conv2Ds compute as before. On an accelerator nothing changes.
+  """
+  params = dict(params)
+  marks = jax.eval_shape(
+    lambda p, args: module.apply({"params": p}, *args, method=method, mutable=[_WINOGRAD_CONVS]),
+    params,
+    tuple(inputs),
+  )[1]
+  convs = [path[:-1] for path in traverse_util.flatten_dict(dict(marks.get(_WINOGRAD_CONVS, {})))]
+  if not convs:
+    return params
+  flat = traverse_util.flatten_dict(params)
+  kernels = [flat[(*conv, "kernel")] for conv in convs]
+
+  @jax.jit
+  def transforms(kernels):
+    out = [{WINOGRAD_KERNEL: winograd.transform_kernel(k)} for k in kernels]
+    if input_gradients:
+      for leaves, k in zip(out, kernels):
+        leaves[WINOGRAD_INPUT_GRADIENT_KERNEL] = winograd.transform_input_gradient_kernel(k)
+    return out
+
+  for conv, leaves in zip(convs, transforms(kernels)):
+    flat.update({(*conv, name): value for name, value in leaves.items()})
+  return traverse_util.unflatten_dict(flat)
 
 
 def conv(features: int, kernel: int, name: str, dtype, stride: int = 1, padding: int | None = None):

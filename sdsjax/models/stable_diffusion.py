@@ -10,6 +10,9 @@ model functions with the parameters as ordinary arguments:
     z = sd.encode_image(sd.params["vae"], images)                 # (B, H/8, W/8, 4)
     eps = sd.predict_noise(sd.params["unet"], z_t, t, emb)        # (B, H/8, W/8, 4)
 
+For a fit, `sd.prepare_params(sd.params, resolution)` computes once what depends on the frozen
+weights only (Winograd kernel transforms on CPU); the model functions take either tree.
+
 Weights are read with `safetensors.numpy` (never torch), their shapes checked against
 `jax.eval_shape` of the module's init, and mapped onto the Flax tree by `sdsjax.models.convert`.
 """
@@ -21,7 +24,6 @@ import functools
 import json
 import math
 import os
-import struct as struct_lib
 from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  registers the numpy dtype "bfloat16" safetensors reads BF16 as
 import numpy as np
 
 from sdsjax.errors import CheckpointError
@@ -130,7 +133,8 @@ class StableDiffusion:
   def encode_image(self, vae_params: Params, images: Array) -> Array:
     """Images (B, H, W, 3) in [0, 1] -> latents (B, H/8, W/8, C) = posterior mean × scaling.
 
-    Differentiable in `images`; H and W must be multiples of 8. Returns float32.
+    Differentiable in `images`; H and W must be multiples of 8. Returns float32. `vae_params`:
+    `params["vae"]`, or the same prepared by `prepare_params`.
     """
     chex.assert_rank(images, 4)
     chex.assert_axis_dimension(images, -1, 3)
@@ -142,15 +146,22 @@ class StableDiffusion:
     return self._decode_fn(vae_params, latents)
 
   def predict_noise(
-    self, unet_params: Params, latents: Array, t: Array, text_embeddings: Array
+    self,
+    unet_params: Params,
+    latents: Array,
+    t: Array,
+    text_embeddings: Array,
+    context: Any = None,
   ) -> Array:
     """The UNet's noise prediction ε(z_t, t, text), converted to ε whatever the UNet predicts.
 
     Args:
-      unet_params: `params["unet"]`.
+      unet_params: `params["unet"]`, or the same prepared by `prepare_params`.
       latents: (B, h, w, C) noisy latents z_t.
       t: (B,) or () integer timesteps in [0, num_train_timesteps).
       text_embeddings: (B, L, D) from `encode_text`.
+      context: ignored. Other denoisers may use what the fit step passes here (the sampled
+        view); Stable Diffusion is conditioned on the text only.
 
     Returns:
       (B, h, w, C) float32 ε. For v-prediction, ε = √ᾱ_t·v + √(1−ᾱ_t)·z_t; for sample
@@ -160,6 +171,34 @@ class StableDiffusion:
     chex.assert_equal_shape_prefix([latents, text_embeddings], 1)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), latents.shape[:1])
     return self._noise_fn(unet_params, latents, t, text_embeddings)
+
+  def prepare_params(self, params: Mapping[str, Params], resolution: int) -> dict[str, Params]:
+    """`params` (`{"unet": ..., "vae": ..., ...}`) with what the fit step's model calls can
+    compute once for frozen weights, for images of `resolution`² (latents of (resolution/8)²).
+
+    On CPU in float32 that is the Winograd kernel transforms (`resnet.prepare_winograd`) of the
+    3×3 convolutions that run as Winograd: in the UNet for `predict_noise`, and in the VAE encoder
+    for `encode_image` and its gradient w.r.t. the images. The plain weights stay as they are and
+    the results are the same; other backends and dtypes get `params` back unchanged. Extra
+    memory: 4× each such kernel (8× in the encoder). Other components are passed through.
+    """
+    from sdsjax.models import resnet
+
+    if resolution % 8:
+      raise ValueError(f"resolution {resolution} is not a multiple of 8")
+    side = resolution // 8
+    unet_inputs = (
+      jnp.zeros((1, side, side, self.configs["unet"].get("in_channels", 4)), self.dtype),
+      jnp.zeros((1,), jnp.int32),
+      jnp.zeros((1, self.text_length, self.text_dim), self.dtype),
+    )
+    images = jnp.zeros((1, resolution, resolution, 3), self.dtype)
+    out = dict(params)
+    out["unet"] = resnet.prepare_winograd(self.unet, params["unet"], unet_inputs)
+    out["vae"] = resnet.prepare_winograd(
+      self.vae, params["vae"], (images,), method=self.vae.encode, input_gradients=True
+    )
+    return out
 
   def epsilon_from_output(self, output: Array, latents: Array, t: Array) -> Array:
     """Converts a raw UNet output (ε, v or x̂_0 per `prediction_type`) to ε; all (B, h, w, C)."""
@@ -206,12 +245,19 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> np.ndarray:
   Supports beta_schedule "linear", "scaled_linear" (SD), "squaredcos_cap_v2" and "sigmoid",
   `trained_betas` and `rescale_betas_zero_snr`. Computed in float64.
   """
-  num_steps = int(config.get("num_train_timesteps", 1000))
-  beta_start = float(config.get("beta_start", 0.0001))
-  beta_end = float(config.get("beta_end", 0.02))
+  try:
+    num_steps = int(config.get("num_train_timesteps", 1000))
+    beta_start = float(config.get("beta_start", 0.0001))
+    beta_end = float(config.get("beta_end", 0.02))
+    trained = config.get("trained_betas")
+    trained = None if trained is None else np.asarray(trained, np.float64).reshape(-1)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"scheduler config has a value of the wrong type ({e})") from None
+  if not 2 <= num_steps <= 100_000:
+    raise CheckpointError(f"scheduler num_train_timesteps={num_steps} must be in [2, 100000]")
   schedule = config.get("beta_schedule", "linear")
-  if config.get("trained_betas") is not None:
-    betas = np.asarray(config["trained_betas"], np.float64)
+  if trained is not None:
+    betas = trained
   elif schedule == "linear":
     betas = np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
   elif schedule == "scaled_linear":
@@ -237,6 +283,11 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> np.ndarray:
       f"scheduler beta_schedule {schedule!r} is not supported (use linear, "
       "scaled_linear, squaredcos_cap_v2 or sigmoid)"
     )
+  if not (len(betas) >= 2 and np.all(np.isfinite(betas)) and np.all((betas > 0) & (betas < 1))):
+    raise CheckpointError(
+      f"scheduler betas must lie in (0, 1) (got beta_start={beta_start}, beta_end={beta_end}"
+      f"{', trained_betas' if trained is not None else ''}): the scheduler config is corrupt"
+    )
   if config.get("rescale_betas_zero_snr", False):
     betas = _rescale_zero_terminal_snr(betas)
   alphas_cumprod = np.cumprod(1.0 - betas)
@@ -259,39 +310,6 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 # Reading weights.
 
 
-def _read_safetensors_raw(path: Path) -> dict[str, np.ndarray]:
-  """Reads a safetensors file with dtypes numpy lacks (bfloat16), via ml_dtypes."""
-  import ml_dtypes
-
-  dtypes = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-  }
-  with open(path, "rb") as f:
-    (header_len,) = struct_lib.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_len))
-    data = f.read()
-  tensors = {}
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    if info["dtype"] not in dtypes:
-      raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    tensors[key] = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(
-      info["shape"]
-    )
-  return tensors
-
-
 def read_safetensors(files: Sequence[Path]) -> dict[str, np.ndarray]:
   """Reads one safetensors file or the shards of one checkpoint into a single state dict."""
   from safetensors.numpy import load_file
@@ -299,9 +317,7 @@ def read_safetensors(files: Sequence[Path]) -> dict[str, np.ndarray]:
   state: dict[str, np.ndarray] = {}
   for path in files:
     try:
-      tensors = load_file(str(path))
-    except TypeError:  # numpy has no bfloat16: read the raw bytes.
-      tensors = _read_safetensors_raw(Path(path))
+      tensors = load_file(str(path))  # bfloat16 as ml_dtypes.bfloat16 (imported above)
     except Exception as e:
       raise CheckpointError(
         f"cannot read {path} as safetensors ({type(e).__name__}: {e}); "
@@ -357,31 +373,14 @@ def _init_inputs(component: str, config: Mapping[str, Any]) -> tuple:
   return (jnp.zeros((1, config.get("max_position_embeddings", 77)), jnp.int32),)
 
 
-def _adapt_text_encoder_keys(state: dict[str, np.ndarray], target: Mapping) -> dict:
-  """transformers ≥ 5 saves CLIPTextModel without the `text_model.` prefix SD checkpoints have."""
-  prefix = "text_model."
-  wants_prefix = "text_model" in target
-  has_prefix = any(k.startswith(prefix) for k in state)
-  if wants_prefix and not has_prefix:
-    return {prefix + k: v for k, v in state.items()}
-  if has_prefix and not wants_prefix:
-    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
-  return state
-
-
-_LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def _adapt_vae_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """VAEs saved by older diffusers name the mid-block attention query/key/value/proj_attn."""
-  renamed = {}
-  for key, value in state.items():
-    parts = key.split(".")
-    # e.g. encoder.mid_block.attentions.0.query.weight -> ...attentions.0.to_q.weight
-    if len(parts) >= 4 and parts[-4] == "attentions" and parts[-2] in _LEGACY_VAE_ATTENTION:
-      key = ".".join([*parts[:-2], _LEGACY_VAE_ATTENTION[parts[-2]], parts[-1]])
-    renamed[key] = value
-  return renamed
+def build_component(
+  component: str, config: Mapping[str, Any], dtype=jnp.float32, **module_args
+) -> tuple[Any, Any]:
+  """The Flax module of `component` ("unet", "vae" or "text_encoder") built from its config, and
+  its parameter tree as ShapeDtypeStructs (from `jax.eval_shape` of its init: nothing runs)."""
+  module = _module_classes()[component].from_config(config, dtype=dtype, **module_args)
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *_init_inputs(component, config))
+  return module, shapes["params"]
 
 
 def _load_component(
@@ -391,22 +390,16 @@ def _load_component(
   from sdsjax.models import convert
 
   where = folder / component
-  cls = _module_classes()[component]
   try:
-    module = cls.from_config(config, dtype=dtype, **module_args)
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *_init_inputs(component, config))
+    module, target = build_component(component, config, dtype, **module_args)
   except CheckpointError as e:
     raise CheckpointError(f"{where}/config.json: {e}") from None
-  except (KeyError, ValueError, TypeError, NotImplementedError, AssertionError) as e:
+  except Exception as e:  # a hostile or broken config fails in any way (IndexError, ZeroDivision)
+    cls = _module_classes()[component]
     raise CheckpointError(
       f"{where}/config.json is not a supported {cls.__name__} config ({type(e).__name__}: {e})"
     ) from None
-  target = shapes["params"]
   state = read_safetensors(hub.weight_files(where))
-  if component == "text_encoder":
-    state = _adapt_text_encoder_keys(state, target)
-  elif component == "vae":
-    state = _adapt_vae_keys(state)
   try:
     params = convert.convert_state_dict(state, target)
   except CheckpointError as e:
@@ -473,8 +466,23 @@ def load_stable_diffusion(
       f"{folder}/scheduler/scheduler_config.json: prediction_type "
       f"{prediction_type!r} is not supported (epsilon, v_prediction, sample)"
     )
-  alphas_cumprod = alphas_cumprod_from_config(scheduler)
+  try:
+    alphas_cumprod = alphas_cumprod_from_config(scheduler)
+  except CheckpointError as e:
+    raise CheckpointError(f"{folder}/scheduler/scheduler_config.json: {e}") from None
   tokenizer = _load_tokenizer(folder)
+  vae_config = configs["vae"]
+  factors = {}
+  for name, default in (("scaling_factor", DEFAULT_SCALING_FACTOR), ("shift_factor", 0.0)):
+    try:
+      factors[name] = float(vae_config.get(name) or default)
+    except (TypeError, ValueError):
+      factors[name] = math.nan
+    if not math.isfinite(factors[name]) or (name == "scaling_factor" and factors[name] <= 0):
+      raise CheckpointError(
+        f"{folder}/vae/config.json: {name}={vae_config.get(name)!r} must be a finite number"
+        + (" > 0" if name == "scaling_factor" else "")
+      )
   # The VAE rematerialises its encoder blocks itself (finer-grained than one jax.checkpoint).
   module_args = {"unet": {}, "vae": {"remat": bool(remat_vae)}, "text_encoder": {}}
   modules, params = {}, {}
@@ -482,7 +490,6 @@ def load_stable_diffusion(
     modules[component], params[component] = _load_component(
       folder, component, configs[component], dtype, **module_args[component]
     )
-  vae_config = configs["vae"]
   return StableDiffusion(
     unet=modules["unet"],
     vae=modules["vae"],
@@ -490,8 +497,8 @@ def load_stable_diffusion(
     tokenizer=tokenizer,
     params=params,
     alphas_cumprod=alphas_cumprod,
-    scaling_factor=float(vae_config.get("scaling_factor") or DEFAULT_SCALING_FACTOR),
-    shift_factor=float(vae_config.get("shift_factor") or 0.0),
+    scaling_factor=factors["scaling_factor"],
+    shift_factor=factors["shift_factor"],
     prediction_type=prediction_type,
     dtype=dtype,
     folder=folder,

@@ -9,7 +9,6 @@ is the number of HEADS per block (a famous misnomer), and each head has out_chan
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 from sdsjax.models.attention import Transformer2DModel
 from sdsjax.models.embeddings import TimestepEmbedding
 from sdsjax.models.embeddings import timestep_embedding
+from sdsjax.models.module_config import module_from_config
 from sdsjax.models.resnet import Downsample2D
 from sdsjax.models.resnet import ResnetBlock2D
 from sdsjax.models.resnet import Upsample2D
@@ -164,22 +164,14 @@ class UNet2DConditionModel(nn.Module):
 
   @classmethod
   def from_config(cls, config: dict, dtype=jnp.float32, **kw) -> UNet2DConditionModel:
-    names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
-    args = {k: v for k, v in config.items() if k in names}
-    for key in ("down_block_types", "up_block_types", "block_out_channels"):
-      if key in args:
-        args[key] = tuple(args[key])
-    for key in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block"):
-      if isinstance(args.get(key), list):
-        args[key] = tuple(args[key])
     for key, value in (("down_block_types", _SUPPORTED_DOWN), ("up_block_types", _SUPPORTED_UP)):
-      bad = [b for b in args.get(key, ()) if b not in value]
+      bad = [b for b in config.get(key, ()) if b not in value]
       if bad:
         raise NotImplementedError(f"{key} {bad[0]} is not supported (only {', '.join(value)})")
     for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
       if config.get(key) is not None:
         raise NotImplementedError(f"{key}={config[key]!r} is not supported")
-    return cls(**args, dtype=dtype, **kw)
+    return module_from_config(cls, config, dtype, **kw)
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states):

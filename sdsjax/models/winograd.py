@@ -10,6 +10,10 @@ differs from a direct convolution by ~2e-5 relative to its scale.
 Layouts: x (B, H, W, Cin), kernel (3, 3, Cin, Cout) (HWIO), output (B, H, W, Cout), "SAME"
 padding. The gradient w.r.t. x is again a Winograd convolution (of the output gradient with the
 flipped kernel); the one w.r.t. the kernel falls back to XLA's.
+
+The kernel transforms G·g·Gᵀ (`transform_kernel`, `transform_input_gradient_kernel`) depend on
+the weights only. For frozen weights they can be computed once and passed in
+(`resnet.prepare_winograd`), rather than recomputed in every call.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ def _output_transform(m: jax.Array, b: int, h: int, w: int) -> jax.Array:
   return y[:, :h, :w]
 
 
-def _kernel_transform(kernel: jax.Array) -> jax.Array:
+def transform_kernel(kernel: jax.Array) -> jax.Array:
   """kernel (3, 3, Cin, Cout) -> U (36, Cin, Cout) = G g G_T, as one (36×9)·(9×Cin·Cout)
   GEMM."""
   _, _, cin, cout = kernel.shape
@@ -99,37 +103,56 @@ def _kernel_transform(kernel: jax.Array) -> jax.Array:
   return (g2 @ kernel.reshape(9, cin * cout)).reshape(A * A, cin, cout)
 
 
-def _winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def transform_input_gradient_kernel(kernel: jax.Array) -> jax.Array:
+  """kernel (3, 3, Cin, Cout) -> (36, Cout, Cin): the transform of the kernel rotated by 180°
+  with its channel axes swapped, with which the input gradient is a Winograd convolution."""
+  return transform_kernel(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+
+
+def _winograd(x: jax.Array, u: jax.Array) -> jax.Array:
+  """x (B, H, W, Cin), U (36, Cin, Cout) -> (B, H, W, Cout)."""
   b, h, w, _ = x.shape
   v = _input_transform(x)
-  u = _kernel_transform(kernel)
   m = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # 36 GEMMs (T, Cout)
   return _output_transform(m, b, h, w)
 
 
 @jax.custom_vjp
-def conv3x3_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv3x3_winograd(
+  x: jax.Array,
+  kernel: jax.Array,
+  u: jax.Array | None = None,
+  u_input_gradient: jax.Array | None = None,
+) -> jax.Array:
   """ "SAME" 3×3 stride-1 convolution. x: (B, H, W, Cin); kernel: (3, 3, Cin, Cout) ->
-  (B, H, W, Cout)."""
-  return _winograd(x, kernel)
+  (B, H, W, Cout).
+
+  `u` (36, Cin, Cout) = `transform_kernel(kernel)` and `u_input_gradient` (36, Cout, Cin) =
+  `transform_input_gradient_kernel(kernel)` may be given precomputed; missing ones are computed
+  here. They are taken as constants: their cotangents are zero, the kernel gets the convolution's
+  gradient."""
+  return _winograd(x, transform_kernel(kernel) if u is None else u)
 
 
-def _fwd(x, kernel):
-  return _winograd(x, kernel), (x, kernel)
+def _fwd(x, kernel, u=None, u_input_gradient=None):
+  y = _winograd(x, transform_kernel(kernel) if u is None else u)
+  return y, (x, kernel, u_input_gradient)
 
 
 def _bwd(res, dy):
-  x, kernel = res
+  x, kernel, u_input_gradient = res
   # The input gradient of a "SAME" 3×3 convolution is the "SAME" convolution of dy with the
   # kernel rotated by 180° and its channel axes swapped.
-  dx = _winograd(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+  if u_input_gradient is None:
+    u_input_gradient = transform_input_gradient_kernel(kernel)
+  dx = _winograd(dy, u_input_gradient)
   _, kernel_vjp = jax.vjp(
     lambda k: jax.lax.conv_general_dilated(
       x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     ),
     kernel,
   )
-  return dx, kernel_vjp(dy)[0]
+  return dx, kernel_vjp(dy)[0], None, None
 
 
 conv3x3_winograd.defvjp(_fwd, _bwd)
