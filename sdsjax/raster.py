@@ -1,22 +1,29 @@
-"""SoftRas-style soft rasterizer with static top-K face selection (two passes).
+"""Soft rasterizer with static top-K face selection (two passes) and layered compositing.
 
 All screen-space quantities are in NDC (x right, y up, the image is [−1, 1]², square
 images of `S × S` pixels; pixel (row i, col j) has its centre at
 `x = (2j + 1)/S − 1, y = 1 − (2i + 1)/S`). Depth `z` is the view-space distance along −z.
 
-Pass 1: selection (no gradient, `jax.lax.stop_gradient`)
---------------------------------------------------------
+Projection
+----------
 Per face f with projected vertices p0, p1, p2 and depths z0, z1, z2:
 
 * `valid_f`: all z_i in (near, far), |A2| > 1e-12 where A2 = cross(p1 − p0, p2 − p0) (twice
   the signed area), and A2 > 0 when `cull_backfaces` (counter-clockwise faces seen from
   outside have A2 > 0 in NDC).
-* Soft radius `r = sqrt(σ · ln(1/1e-4 − 1))`: beyond r outside a face, D < 1e-4.
-* Edge lines `e_i(p) = n_i · (p − p_i)` for edge p_i → p_{i+1}, with the unit normal n_i
-  pointing into the triangle (so e_i ≥ 0 for all i ⇔ inside).
+* Outline edges. Edge i of f runs p_i → p_{i+1}. It is an outline edge in this view when
+  f is valid and no other face sharing that mesh edge is valid with the same orientation
+  (sign of A2) or degenerate (|A2| ≤ 1e-12, an edge-on sliver that hides nothing). So the
+  outlines are the view's contours (a front face next to a culled back face), the mesh's
+  open borders and the near/far cut; an edge between two visible faces is no outline.
+* Soft radius `r = sqrt(σ · ln(1/1e-4 − 1))`: beyond r from an edge, sigmoid(−d²/σ) < 1e-4.
+* Edge lines `e_i(p) = n_i · (p − p_i)` with the unit normal n_i pointing into the
+  triangle (so e_i ≥ 0 for all i ⇔ inside).
 * Inverse-depth plane `w(p) = Σ λ_i(p) / z_i`: affine in p, with λ the screen-space
   barycentrics (below) extended to the whole plane.
 
+Pass 1: selection (no gradient, `jax.lax.stop_gradient`)
+--------------------------------------------------------
 1. Binning. The image, padded up to a multiple of `bin_size` (padding pixels are computed
    and cropped), is cut into square tiles of `bin_size` pixels. Face f overlaps
    tile t when `valid_f` and the face's NDC bounding box, grown by r on every side,
@@ -25,20 +32,25 @@ Per face f with projected vertices p0, p1, p2 and depths z0, z1, z2:
    via `jax.lax.top_k`. `overflow = Σ_t max(0, #overlapping(t) − C)`: those (tile, face)
    pairs are dropped (the farthest ones, usually hidden; a non-zero overflow can still
    leave holes, so it is returned and should be watched).
-2. Per pixel. Among its tile's candidates, a face qualifies at pixel p when
-   `m(p) = min_i e_i(p) > −r` (inside the triangle grown by r along its edges). Score:
-   `2 + clip(near · w(p), 0, 1)` when `m(p) ≥ 0` (the face contains the pixel centre;
-   nearest first), else `1 + m(p)/r` (a soft neighbour; closest edge first). The K best
-   qualifying faces are kept (`jax.lax.top_k`, sorted by score, ties to the lower index);
-   empty slots get face id −1.
-   Covering faces come first so a pixel's own face is never pushed out by soft neighbours
-   (which would leave speckle holes). Soft neighbours are ranked by distance, not depth: on
-   a convex surface the extrapolated depth planes of far-off neighbours lie in front of the
-   surface, so depth order would keep the far ones and drop the adjacent face that carries
-   most of the coverage near an edge.
+2. Per pixel. Among its tile's candidates, with `m(p) = min_i e_i(p)`:
+   - a face containing the pixel centre (`m(p) ≥ 0`) scores `2 + clip(near · w(p), 0, 1)`
+     (covering faces first, nearest first, so a pixel keeps the covering face of every
+     surface behind it too);
+   - `blend="layered"`: a face that does not contain it qualifies only if it has an
+     outline edge and `d̃(p) = max(−m(p), min over its outline edges of |e_i(p)|) < r`
+     (d̃ is a lower bound of the distance to its outline edges); score `1 − d̃/r`. Other
+     neighbours have zero opacity in the layered blend, so they never take a slot;
+   - `blend="softras"`: any face with `m(p) > −r` qualifies, score `1 + m(p)/r` (closest
+     edge first; ranking by depth would keep the far-off neighbours of a convex surface,
+     whose extrapolated depth planes lie in front of it).
+   The K best qualifying faces are kept (`jax.lax.top_k`, sorted by score, ties to the
+   lower index); empty slots get face id −1.
 
 Tiles are processed in chunks (`lax.map`), so memory is bounded by
-`tiles_per_chunk × (F + bin_size² × C)`, never pixels × faces.
+`tiles_per_chunk × (F + bin_size² × C)`, never pixels × faces. Plain `jax.vmap` would
+batch every chunk (a batch of N views makes each chunk N times larger); a `custom_vmap`
+rule instead maps over groups of `views_per_selection_step` views (1 unless a whole view
+is smaller than a chunk), so each step holds one view's work.
 
 Pass 2: evaluation (differentiable)
 -----------------------------------
@@ -47,23 +59,47 @@ vertices (gradients flow to them):
 
 * Screen barycentrics λ0 = cross(p1 − p, p2 − p)/A2, λ1 = cross(p2 − p, p0 − p)/A2,
   λ2 = cross(p0 − p, p1 − p)/A2; inside ⇔ all λ_i ≥ 0.
-* d² = min over the three edges of the squared distance from p to the edge segment
-  (`t = clip((p − a)·(b − a)/|b − a|², 0, 1)`, `d² = |p − a − t(b − a)|²`).
-* Coverage `D = sigmoid(s · d²/σ)`, s = +1 inside, −1 outside; 0 for empty slots.
+* Squared distance to each edge segment i (`t = clip((p − a)·(b − a)/|b − a|², 0, 1)`,
+  `d_i² = |p − a − t(b − a)|²`); d² = min_i d_i², d_o² = min over outline edges of d_i²
+  (∞ without outline edges).
+* SoftRas coverage `D = sigmoid(s · d²/σ)`, s = +1 inside, −1 outside; 0 for empty slots.
+* Opacity α = 1 inside the face, else its outline fringe `sigmoid(−d_o²/σ)`: a face that
+  does not contain the pixel centre shows only near its own outline (silhouette or
+  occluding contour), never across an edge it shares with another visible face.
 * Clipped barycentrics `λc = max(λ, 0)/Σ max(λ, 0)`; perspective-correct
   `b_i = (λc_i / z_i) / Σ_j (λc_j / z_j)`, depth `z = 1 / Σ_j (λc_j / z_j)`.
-* Aggregation (`blend`), a softmax in log space:
-  `z_n = clip((far − z)/(far − near), 0, 1)`, logits `l_k = log D_k + z_n,k/γ` (−inf for
-  empty slots), background logit `l_bg = ε/γ`, `c = (Σ_k e^{l_k} c_k + e^{l_bg} bg) /
-  (Σ_k e^{l_k} + e^{l_bg})` (SoftRas colour, shifted by the max logit for stability).
-* Alpha (`alpha_from_coverage`): `alpha = min(1, Σ_k D_k)` by default ("sum"), or SoftRas'
-  `1 − Π_k (1 − D_k)` ("product"). The product dips to 0.75 on interior edges (D_A = 1 − D_B
-  for adjacent faces); the clipped sum is exactly 1 there, and equal to D at a lone edge.
-* Output colour: `rgb = alpha · c + (1 − alpha) · bg`. With γ = 1e-4 the SoftRas colour c
-  alone has a hard edge at the soft radius r (any face outweighs the background by
-  e^{(z_n − ε)/γ}), so outer silhouettes would get no gradient through rgb; compositing by
-  alpha makes them soft. Inside the mesh alpha = 1 and rgb = c exactly. Silhouettes over
-  another surface (nose over cheek) stay as sharp as SoftRas makes them (set by γ).
+
+Aggregation (`blend`), `blend="layered"` (default)
+-------------------------------------------------
+* Alpha (`outline_alpha`): 1 where a selected face contains the pixel centre, else
+  `max_k α_k`, the coverage of the union of the outline fringes. alpha > 0.5 exactly where
+  a face covers the pixel centre, so the outline does not grow with σ.
+* Colour (`layered_color`): fragments sorted by depth (empty slots last) are walked front to
+  back and grouped into layers: a fragment joins the open layer while within τ =
+  `depth_tolerance` of the layer's first fragment (smoothstep membership over
+  [τ − κ/2, τ + κ/2], κ = τ/2, blending "join" and "start a new layer" so the colour is
+  continuous in depth). The open layer covers `m` = the max α of its fragments so far;
+  fragment k gets weight `w_k = T · (max(m, α_k) − m)` (T: transmittance of the closed
+  layers, each closed layer multiplies it by 1 − m) and `c = Σ_k w_k c_k / (Σ_k w_k + 1e-6)`.
+  A covering face (α = 1) takes all that is not yet covered and hides everything behind it,
+  so a pixel inside a surface has that surface's colour; the fringes of a nearer surface
+  (nose over cheek, lid over eyeball) blend over it by their union opacity, so occlusion
+  edges stay soft on the outside of the occluder.
+* `rgb = alpha · c + (1 − alpha) · background`. Silhouettes get their gradient through the
+  fringe alpha outside the outline, occlusion edges through the fringe weights in c. Inside
+  an outline alpha is 1, so, as with SoftRas' clipped sum, pixels just inside an outline
+  send no silhouette gradient, and alpha steps from 0.5 to 1 where a pixel centre crosses it.
+
+Aggregation, `blend="softras"` (SoftRas, for comparison)
+--------------------------------------------------------
+`z_n = clip((far − z)/(far − near), 0, 1)`, logits `l_k = log D_k + z_n,k/γ` (−inf for
+empty slots), background logit `l_bg = ε/γ`, `c = (Σ_k e^{l_k} c_k + e^{l_bg} bg) /
+(Σ_k e^{l_k} + e^{l_bg})` (shifted by the max logit for stability); alpha
+(`alpha_from_coverage`) `min(1, Σ_k D_k)` ("sum") or SoftRas' `1 − Π_k (1 − D_k)`
+("product"); `rgb = alpha · c + (1 − alpha) · bg`. With γ = 1e-4 a neighbour that does
+not contain the pixel but is ~0.01 nearer outweighs the covering face, so surfaces are
+coloured from up to r "uphill" (speckle at brows, nostrils, lips) and the sum alpha grows
+the outline by about r.
 
 The evaluation runs over chunks of pixels under `jax.checkpoint`, so the backward pass keeps
 only one chunk's intermediates alive.
@@ -78,6 +114,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from sdsjax import camera as camera_lib
@@ -87,6 +124,11 @@ Array = jax.Array
 
 # Coverage below this is negligible; it fixes the soft radius (SoftRas).
 _COVERAGE_EPS = 1e-4
+# Squared NDC distance standing in for "no outline edge" (finite, so no inf · 0 in gradients).
+_NO_OUTLINE_DIST2 = 1e6
+# View depth given to empty slots so that they sort last.
+_EMPTY_DEPTH = 1e6
+BLENDS = ("layered", "softras")
 
 
 @struct.dataclass
@@ -94,16 +136,16 @@ class RasterSettings:
   """Soft rasterizer settings. All fields are static (a pytree without leaves, hashable).
 
   Defaults target the fit's 128² renders of a unit-radius head at distance ~3:
-  σ = 3e-5 NDC² (soft radius r = 0.017 NDC: 1.1 px at 128², 4.3 px at 512²), γ = 1e-4 and
-  ε = 1e-3 as in SoftRas, near/far = 0.1/10 so that 1% of the head radius in depth changes
-  z_n by 1e-3 = 10 γ (surfaces a few mm apart still occlude each other), K = 8.
+  σ = 3e-5 NDC² (soft radius r = 0.017 NDC: 1.1 px at 128², 4.3 px at 512²), τ = 0.03
+  (3% of the head radius: fringes closer than that in depth form one layer), K = 8.
+  γ = 1e-4 and ε = 1e-3 (SoftRas) are used by `blend="softras"` only.
 
   Attributes:
     image_size: S, images are S × S.
     sigma: σ in NDC² (SoftRas coverage sharpness). Scale it with the pixel size,
       σ ≈ 0.5–2 × (2/S)², for silhouette gradients that reach neighbouring pixels.
-    gamma: γ, softmax depth temperature.
-    eps: ε, background depth in z_n units.
+    gamma: γ, softmax depth temperature (`blend="softras"` only).
+    eps: ε, background depth in z_n units (`blend="softras"` only).
     near: near plane (view depth); faces with a vertex closer are dropped.
     far: far plane; faces with a vertex farther are dropped.
     faces_per_pixel: K.
@@ -114,8 +156,12 @@ class RasterSettings:
     tiles_per_chunk: tiles per selection step; 0 picks it from a budget of 2^21
       (CPU) or 2^24 (GPU) pixel × candidate pairs.
     pixels_per_chunk: pixels per evaluation step; 0 picks 2^14 on CPU and 2^18 on GPU.
-    alpha_rule: "sum" (min(1, Σ D), default) or "product" (SoftRas 1 − Π(1 − D)); see
-      `alpha_from_coverage`.
+    blend: "layered" (default: depth-sorted compositing of outline opacities) or
+      "softras" (SoftRas softmax over depth); see the module docstring.
+    depth_tolerance: τ, view-depth gap within which fragments form one surface layer
+      when colours are composited (`blend="layered"`).
+    alpha_rule: `blend="softras"` only: "sum" (min(1, Σ D), default) or "product"
+      (SoftRas 1 − Π(1 − D)); see `alpha_from_coverage`.
   """
 
   image_size: int = struct.field(pytree_node=False, default=128)
@@ -130,6 +176,8 @@ class RasterSettings:
   cull_backfaces: bool = struct.field(pytree_node=False, default=True)
   tiles_per_chunk: int = struct.field(pytree_node=False, default=0)
   pixels_per_chunk: int = struct.field(pytree_node=False, default=0)
+  blend: str = struct.field(pytree_node=False, default="layered")
+  depth_tolerance: float = struct.field(pytree_node=False, default=0.03)
   alpha_rule: str = struct.field(pytree_node=False, default="sum")
 
   def __post_init__(self):
@@ -144,8 +192,10 @@ class RasterSettings:
       ("max_faces_per_bin", self.max_faces_per_bin >= 0, "0 (auto) or positive"),
       ("tiles_per_chunk", self.tiles_per_chunk >= 0, "0 (auto) or positive"),
       ("pixels_per_chunk", self.pixels_per_chunk >= 0, "0 (auto) or positive"),
+      ("blend", self.blend in BLENDS, '"layered" or "softras"'),
+      ("depth_tolerance", self.depth_tolerance > 0, "positive"),
+      ("alpha_rule", self.alpha_rule in ("sum", "product"), '"sum" or "product"'),
     ]
-    checks.append(("alpha_rule", self.alpha_rule in ("sum", "product"), '"sum" or "product"'))
     for name, ok, what in checks:
       if not ok:
         raise ConfigError(f"raster.{name}={getattr(self, name)!r} is invalid: it must be {what}.")
@@ -190,11 +240,14 @@ class ProjectedMesh:
     xy: (F, 3, 2) NDC vertex positions.
     depth: (F, 3) view depths of the vertices.
     valid: (F,) whether the face takes part in rasterization (see the module docstring).
+    outline: (F, 3) whether edge i (vertex i → i + 1) of a valid face is an outline edge
+      in this view (see the module docstring).
   """
 
   xy: Array
   depth: Array
   valid: Array
+  outline: Array
 
 
 @struct.dataclass
@@ -207,6 +260,8 @@ class Fragments:
     depth: (..., K) view depth at the (clipped) pixel position.
     coverage: (..., K) SoftRas D in [0, 1]; 0 for empty slots.
     log_coverage: (..., K) log D (stable for tiny D); −inf for empty slots.
+    opacity: (..., K) α: 1 inside the face, else its outline fringe sigmoid(−d_o²/σ);
+      0 for empty slots.
     inside: (..., K) whether the pixel centre is inside the face.
   """
 
@@ -215,6 +270,7 @@ class Fragments:
   depth: Array
   coverage: Array
   log_coverage: Array
+  opacity: Array
   inside: Array
 
 
@@ -222,10 +278,36 @@ def _cross2(u: Array, v: Array) -> Array:
   return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
 
+def edge_index(faces: Array) -> Array:
+  """(F, 3) int32 id of the undirected mesh edge (vertex i, vertex i + 1) of each face.
+
+  Ids are in [0, 3F); faces sharing an edge get the same id. Concrete faces are indexed on
+  the host (numpy), so a jitted render that closes over its mesh does not constant-fold a
+  sort at compile time; traced faces are indexed with one `lax.sort`.
+  """
+  chex.assert_rank(faces, 2)
+  try:
+    host = np.asarray(faces)
+  except jax.errors.TracerArrayConversionError:
+    host = None
+  if host is not None:
+    pairs = np.stack([host, np.roll(host, -1, axis=1)], -1).reshape(-1, 2)
+    _, ids = np.unique(np.sort(pairs, axis=-1), axis=0, return_inverse=True)
+    return jnp.asarray(ids.reshape(-1, 3), jnp.int32)
+  num = faces.shape[0] * 3
+  start = faces.reshape(-1)
+  end = jnp.roll(faces, -1, axis=1).reshape(-1)
+  lo, hi = jnp.minimum(start, end), jnp.maximum(start, end)
+  lo_s, hi_s, order = jax.lax.sort((lo, hi, jnp.arange(num, dtype=jnp.int32)), num_keys=2)
+  new = jnp.concatenate([jnp.ones((1,), bool), (lo_s[1:] != lo_s[:-1]) | (hi_s[1:] != hi_s[:-1])])
+  sorted_ids = jnp.cumsum(new.astype(jnp.int32)) - 1
+  return jnp.zeros((num,), jnp.int32).at[order].set(sorted_ids).reshape(-1, 3)
+
+
 def project_mesh(
   verts: Array, faces: Array, camera: camera_lib.Camera, settings: RasterSettings
 ) -> ProjectedMesh:
-  """Projects a mesh and marks the faces that can be rasterized.
+  """Projects a mesh and marks the faces that can be rasterized and their outline edges.
 
   Args:
     verts: (V, 3) world-space vertices.
@@ -243,15 +325,28 @@ def project_mesh(
   ndc, depth = camera_lib.project_points(camera, verts)
   xy = ndc[faces]
   z = depth[faces]
-  area2 = _cross2(xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0])
-  valid = (
-    jnp.all(z > settings.near, axis=-1)
-    & jnp.all(z < settings.far, axis=-1)
-    & (jnp.abs(area2) > 1e-12)
+  area2 = jax.lax.stop_gradient(_cross2(xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0]))
+  in_range = jax.lax.stop_gradient(
+    jnp.all(z > settings.near, axis=-1) & jnp.all(z < settings.far, axis=-1)
   )
+  degenerate = in_range & (jnp.abs(area2) <= 1e-12)
+  valid = in_range & ~degenerate
   if settings.cull_backfaces:
     valid &= area2 > 0
-  return ProjectedMesh(xy=xy, depth=z, valid=jax.lax.stop_gradient(valid))
+  # Count, per mesh edge, the faces of each orientation that would hide it.
+  edges = edge_index(faces)
+  num = edges.size
+  front = (valid & (area2 > 0)) | degenerate
+  back = (valid & (area2 < 0)) | degenerate
+
+  def per_edge_count(mask):
+    return jax.ops.segment_sum(
+      jnp.repeat(mask.astype(jnp.int32), 3), edges.reshape(-1), num_segments=num
+    )[edges]
+
+  same = jnp.where((area2 > 0)[:, None], per_edge_count(front), per_edge_count(back))
+  outline = valid[:, None] & (same <= 1)
+  return ProjectedMesh(xy=xy, depth=z, valid=valid, outline=outline)
 
 
 def _tile_geometry(settings: RasterSettings) -> tuple[int, int, int]:
@@ -289,17 +384,79 @@ def bin_counts(projected: ProjectedMesh, settings: RasterSettings) -> Array:
 def select_faces(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Array, Array]:
   """Pass 1: per pixel, the K best faces (no gradient).
 
+  Under `jax.vmap` the batch is selected in groups of `views_per_selection_step` views, so
+  a selection step holds the same work as for one view (see the module docstring).
+
   Args:
     projected: the projected mesh (F faces).
     settings: raster settings.
 
   Returns:
     face_ids: (S, S, K) int32, −1 for empty slots; slot order: faces containing the pixel
-      centre first, then soft neighbours, each nearest first.
+      centre first, nearest first, then soft neighbours, closest first.
     overflow: () int32, (tile, face) overlaps dropped because a tile held more than
       `max_faces_per_bin` faces.
   """
   projected = jax.lax.stop_gradient(projected)
+  return _select_faces_batching(settings, projected.xy.shape[0])(projected)
+
+
+def _tiles_per_step(settings: RasterSettings, num_faces: int) -> tuple[int, int]:
+  """(tiles per selection step, tiles per view) from `tiles_per_chunk` or the budget."""
+  tile, tiles_per_side, _ = _tile_geometry(settings)
+  if settings.tiles_per_chunk:
+    per_chunk = settings.tiles_per_chunk
+  else:
+    budget = 2**24 if _on_gpu() else 2**21
+    per_chunk = budget // (tile * tile * settings.resolved_max_faces_per_bin(num_faces))
+  return max(1, per_chunk), tiles_per_side * tiles_per_side
+
+
+def views_per_selection_step(settings: RasterSettings, num_faces: int) -> int:
+  """Views selected together under `jax.vmap`: as many as fit one selection step."""
+  per_chunk, num_tiles = _tiles_per_step(settings, num_faces)
+  return max(1, per_chunk // num_tiles)
+
+
+def _select_faces_batching(settings: RasterSettings, num_faces: int) -> Callable[..., Any]:
+  """`_select_faces_single` with a vmap rule that maps over groups of views.
+
+  Plain `jax.vmap` of `lax.map` over tile chunks would batch every chunk, so one step would
+  hold the whole batch's work (and memory).
+  """
+
+  @jax.custom_batching.custom_vmap
+  def select(projected):
+    return _select_faces_single(projected, settings)
+
+  @select.def_vmap
+  def select_batched(axis_size, in_batched, projected):
+    (batched,) = in_batched
+    # Unbatched leaves (e.g. faces shared by all views) are broadcast to the batch.
+    projected = jax.tree_util.tree_map(
+      lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *x.shape)), projected, batched
+    )
+    group = min(views_per_selection_step(settings, num_faces), axis_size)
+    num_groups = -(-axis_size // group)
+    pad = num_groups * group - axis_size
+
+    def to_groups(x):
+      if pad:
+        x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
+      return x.reshape(num_groups, group, *x.shape[1:])
+
+    def one_group(views):
+      return jax.vmap(lambda view: _select_faces_single(view, settings))(views)
+
+    ids, overflow = jax.lax.map(one_group, jax.tree_util.tree_map(to_groups, projected))
+    ids = ids.reshape(num_groups * group, *ids.shape[2:])[:axis_size]
+    overflow = overflow.reshape(-1)[:axis_size]
+    return (ids, overflow), (True, True)
+
+  return select
+
+
+def _select_faces_single(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Array, Array]:
   xy, z, valid = projected.xy, projected.depth, projected.valid
   num_faces = xy.shape[0]
   dtype = xy.dtype
@@ -308,6 +465,7 @@ def select_faces(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Ar
   tile, tiles_per_side, padded = _tile_geometry(settings)
   cands = settings.resolved_max_faces_per_bin(num_faces)
   radius = settings.soft_radius
+  layered = settings.blend == "layered"
 
   # Per-face tables.
   p0, p1, p2 = xy[:, 0], xy[:, 1], xy[:, 2]
@@ -331,6 +489,7 @@ def select_faces(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Ar
   plane = jnp.stack(
     [jnp.sum(bary_a * inv_z, -1), jnp.sum(bary_b * inv_z, -1), jnp.sum(bary_c * inv_z, -1)], -1
   )  # (F, 3)
+  outline = projected.outline
   lo = jnp.min(xy, axis=1) - radius  # (F, 2)
   hi = jnp.max(xy, axis=1) + radius
   z_min = jnp.min(z, axis=1)
@@ -375,28 +534,35 @@ def select_faces(projected: ProjectedMesh, settings: RasterSettings) -> tuple[Ar
     px = ((2.0 * cols + 1.0) / size - 1.0).astype(dtype)[..., None]
     py = (1.0 - (2.0 * rows + 1.0) / size).astype(dtype)[..., None]
     cl = lines[cand_ids]  # (n, C, 3, 3)
+    co = outline[cand_ids]  # (n, C, 3)
     edge_min = None
+    outline_min = None
     for i in range(3):  # three edges, unrolled
       e = cl[:, None, :, i, 0] * px + cl[:, None, :, i, 1] * py + cl[:, None, :, i, 2]
       edge_min = e if edge_min is None else jnp.minimum(edge_min, e)  # (n, T², C)
+      if layered:
+        o = jnp.where(co[:, None, :, i], jnp.abs(e), jnp.inf)
+        outline_min = o if outline_min is None else jnp.minimum(outline_min, o)
     cp = plane[cand_ids]  # (n, C, 3)
     w = cp[:, None, :, 0] * px + cp[:, None, :, 1] * py + cp[:, None, :, 2]
     nearness = jnp.clip(w * settings.near, 0.0, 1.0)
-    qualifies = cand_ok[:, None, :] & (edge_min > -radius)
-    # Covering faces first, nearest first; then soft neighbours, closest edge first.
-    tiered = jnp.where(edge_min >= 0, 2.0 + nearness, 1.0 + edge_min / radius)
-    score = jnp.where(qualifies, tiered, -jnp.inf)
+    covering = edge_min >= 0
+    if layered:
+      # Lower bound of the distance to the face's outline edges (inf without any).
+      near_outline = jnp.maximum(-edge_min, outline_min)
+      qualifies = cand_ok[:, None, :] & (covering | (near_outline < radius))
+      neighbour = 1.0 - near_outline / radius
+    else:
+      qualifies = cand_ok[:, None, :] & (edge_min > -radius)
+      neighbour = 1.0 + edge_min / radius
+    # Covering faces first, nearest first; then soft neighbours, closest first.
+    score = jnp.where(qualifies, jnp.where(covering, 2.0 + nearness, neighbour), -jnp.inf)
     best, slot = jax.lax.top_k(score, k)  # (n, T², K)
     ids = jnp.take_along_axis(jnp.broadcast_to(cand_ids[:, None, :], score.shape), slot, axis=-1)
     ids = jnp.where(best > -jnp.inf, ids, -1).astype(jnp.int32)
     return ids, overflow.astype(jnp.int32)
 
-  num_tiles = tiles_per_side * tiles_per_side
-  if settings.tiles_per_chunk:
-    per_chunk = settings.tiles_per_chunk
-  else:
-    budget = 2**24 if _on_gpu() else 2**21
-    per_chunk = max(1, budget // (tile * tile * cands))
+  per_chunk, num_tiles = _tiles_per_step(settings, num_faces)
   per_chunk = min(per_chunk, num_tiles)
   num_chunks = -(-num_tiles // per_chunk)
   padded_ids = jnp.arange(num_chunks * per_chunk)
@@ -427,14 +593,22 @@ def evaluate_fragments(
   dtype = projected.xy.dtype
   used = face_ids >= 0
   safe_ids = jnp.maximum(face_ids, 0)
-  # One gather of a packed (F, 9) table, then structure-of-arrays math on (..., K) planes:
+  # One gather of a packed (F, 12) table, then structure-of-arrays math on (..., K) planes:
   # XLA vectorises those far better than arrays with trailing dims of 2 or 3.
-  table = jnp.concatenate([projected.xy.reshape(-1, 6), projected.depth.reshape(-1, 3)], axis=-1)
-  gathered = table[safe_ids]  # (..., K, 9)
+  table = jnp.concatenate(
+    [
+      projected.xy.reshape(-1, 6),
+      projected.depth.reshape(-1, 3),
+      jax.lax.stop_gradient(projected.outline).astype(dtype),
+    ],
+    axis=-1,
+  )
+  gathered = table[safe_ids]  # (..., K, 12)
   # Empty slots see a harmless canonical triangle so no NaN reaches the gradient.
-  canonical = jnp.array([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype)
+  canonical = jnp.array([0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype)
   gathered = jnp.where(used[..., None], gathered, canonical)
   x0, y0, x1, y1, x2, y2, z0, z1, z2 = [gathered[..., i] for i in range(9)]
+  outline = [gathered[..., 9 + i] > 0.5 for i in range(3)]
   px = pixels[..., 0:1].astype(dtype)  # (..., 1)
   py = pixels[..., 1:2].astype(dtype)
   area2 = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
@@ -451,13 +625,20 @@ def evaluate_fragments(
     dx, dy = apx - t * abx, apy - t * aby
     return dx * dx + dy * dy
 
-  dist2 = jnp.minimum(
-    jnp.minimum(segment_dist2(x0, y0, x1, y1), segment_dist2(x1, y1, x2, y2)),
+  edge_dist2 = [
+    segment_dist2(x0, y0, x1, y1),
+    segment_dist2(x1, y1, x2, y2),
     segment_dist2(x2, y2, x0, y0),
-  )
+  ]
+  dist2 = jnp.minimum(jnp.minimum(edge_dist2[0], edge_dist2[1]), edge_dist2[2])
   logit = jnp.where(inside, dist2, -dist2) / settings.sigma
   coverage = jnp.where(used, jax.nn.sigmoid(logit), 0.0)
   log_coverage = jnp.where(used, jax.nn.log_sigmoid(logit), -jnp.inf)
+  outline_dist2 = jnp.full_like(dist2, _NO_OUTLINE_DIST2)
+  for flag, d2 in zip(outline, edge_dist2):
+    outline_dist2 = jnp.where(flag, jnp.minimum(outline_dist2, d2), outline_dist2)
+  fringe = jnp.where(used, jax.nn.sigmoid(-outline_dist2 / settings.sigma), 0.0)
+  opacity = jnp.where(inside, 1.0, fringe)
   c0, c1, c2 = jnp.maximum(l0, 0.0), jnp.maximum(l1, 0.0), jnp.maximum(l2, 0.0)
   total = jnp.maximum(c0 + c1 + c2, 1e-12)
   w0, w1, w2 = c0 / (total * z0), c1 / (total * z1), c2 / (total * z2)
@@ -470,6 +651,7 @@ def evaluate_fragments(
     depth=depth,
     coverage=coverage,
     log_coverage=log_coverage,
+    opacity=opacity,
     inside=inside,
   )
 
@@ -477,18 +659,94 @@ def evaluate_fragments(
 def blend(
   colors: Array, fragments: Fragments, background: Array, settings: RasterSettings
 ) -> tuple[Array, Array]:
-  """SoftRas aggregation of per-fragment colours, composited over the background by alpha.
+  """Aggregates per-fragment colours and composites them over the background by alpha.
 
   Args:
     colors: (..., K, C) colour of each fragment.
     fragments: fragments with leading shape `(...)`.
     background: (..., C) or (C,) background colour.
-    settings: raster settings (γ, ε, near, far, alpha_rule).
+    settings: raster settings (`blend`; τ for "layered"; γ, ε, near, far, alpha_rule
+      for "softras").
 
   Returns:
-    rgb: (..., C) `alpha · c + (1 − alpha) · background`, c the SoftRas softmax colour.
-    alpha: (...,) soft silhouette (see `alpha_from_coverage`).
+    rgb: (..., C) `alpha · c + (1 − alpha) · background` (see the module docstring).
+    alpha: (...,) soft silhouette.
   """
+  if settings.blend == "softras":
+    return _softras_blend(colors, fragments, background, settings)
+  color = layered_color(colors, fragments, settings)
+  alpha = outline_alpha(fragments)
+  rgb = alpha[..., None] * color + (1.0 - alpha[..., None]) * background
+  return rgb, alpha
+
+
+def layered_color(colors: Array, fragments: Fragments, settings: RasterSettings) -> Array:
+  """(..., C) colour of the fragments composited front to back by depth layers.
+
+  Walking the fragments nearest first, a fragment joins the current layer while its depth
+  is within τ = `depth_tolerance` of the layer's first fragment (smoothstep membership g
+  over [τ − κ/2, τ + κ/2], κ = τ/2; each step blends "join" with weight g and "close the
+  layer, start a new one" with 1 − g, so the result is continuous in depth). A layer
+  covers `m` = the max opacity of its fragments so far (the union of one surface's
+  outline fringes); fragment k gets the weight `w_k = T · (max(m, α_k) − m)`, the part of
+  the pixel it newly covers, with T the transmittance of the closed layers. The colour is
+  `Σ w_k c_k / Σ w_k`: a covering face (α = 1) takes everything not yet covered and hides
+  what lies behind it; fringes in front of it blend in by their union opacity.
+
+  Args:
+    colors: (..., K, C) colour of each fragment.
+    fragments: fragments with leading shape `(...)`.
+    settings: raster settings (τ = `depth_tolerance`).
+  """
+  used = fragments.face_ids >= 0
+  depth = jnp.where(used, fragments.depth, _EMPTY_DEPTH)
+  order = jnp.argsort(jax.lax.stop_gradient(depth), axis=-1, stable=True)
+  depth = jnp.take_along_axis(depth, order, axis=-1)
+  opacity = jnp.take_along_axis(fragments.opacity, order, axis=-1)
+  colors = jnp.take_along_axis(colors, order[..., None], axis=-2)
+  tolerance = settings.depth_tolerance
+  width = 0.5 * tolerance
+  transmittance = jnp.ones_like(opacity[..., 0])  # of the closed layers
+  covered = jnp.zeros_like(transmittance)  # by the open layer
+  start = depth[..., 0]  # depth of the open layer's first fragment
+  color_sum = jnp.zeros_like(colors[..., 0, :])
+  weight_sum = jnp.zeros_like(transmittance)
+  for k in range(opacity.shape[-1]):
+    u = jnp.clip((tolerance - (depth[..., k] - start)) / width + 0.5, 0.0, 1.0)
+    joins = u * u * (3.0 - 2.0 * u)
+    transmittance = transmittance * (1.0 - (1.0 - joins) * covered)
+    covered = joins * covered
+    start = joins * start + (1.0 - joins) * depth[..., k]
+    now = jnp.maximum(covered, opacity[..., k])
+    weight = transmittance * (now - covered)
+    color_sum = color_sum + weight[..., None] * colors[..., k, :]
+    weight_sum = weight_sum + weight
+    covered = now
+  # The 1e-6 floor keeps gradients finite where all weights are tiny (alpha ~ 0 there).
+  return color_sum / (weight_sum + 1e-6)[..., None]
+
+
+def outline_alpha(fragments: Fragments) -> Array:
+  """(...,) soft silhouette of `blend="layered"`: 1 where a selected face contains the
+  pixel centre, else the max outline fringe (the coverage of the union of the outlines;
+  a sum or 1 − Π(1 − α) would double-count where fringes overlap near an outline vertex
+  and grow the outline). alpha > 0.5 exactly where a face contains the pixel centre.
+  """
+  covered = jnp.any(fragments.inside, axis=-1)
+  return jnp.where(covered, 1.0, jnp.max(fragments.opacity, axis=-1))
+
+
+def fragment_alpha(fragments: Fragments, settings: RasterSettings) -> Array:
+  """(...,) the soft silhouette `blend` composites with, from (..., K) fragments."""
+  if settings.blend == "softras":
+    return alpha_from_coverage(fragments.coverage, settings)
+  return outline_alpha(fragments)
+
+
+def _softras_blend(
+  colors: Array, fragments: Fragments, background: Array, settings: RasterSettings
+) -> tuple[Array, Array]:
+  """SoftRas aggregation of per-fragment colours, composited over the background by alpha."""
   z_n = jnp.clip((settings.far - fragments.depth) / (settings.far - settings.near), 0.0, 1.0)
   used = fragments.face_ids >= 0
   # Softmax in log space: log(D_k exp(z_n/γ)) = log D_k + z_n/γ, so tiny D never divides.
@@ -506,7 +764,7 @@ def blend(
 
 
 def alpha_from_coverage(coverage: Array, settings: RasterSettings) -> Array:
-  """(...,) soft silhouette from (..., K) coverages.
+  """(...,) soft silhouette of `blend="softras"` from (..., K) coverages.
 
   `alpha_rule="sum"`: min(1, Σ_k D_k). Across an interior edge shared by faces A and B,
   D_A + D_B ≥ 1 (B's distance to the pixel is at most A's distance to the shared edge), so
@@ -583,7 +841,7 @@ def rasterize(
 def soft_silhouette(
   verts: Array, faces: Array, camera: camera_lib.Camera, settings: RasterSettings
 ) -> tuple[Array, Array]:
-  """(S, S) alpha = 1 − Π(1 − D) and the () overflow, evaluated in pixel chunks."""
+  """(S, S) alpha (`fragment_alpha`, as `render_soft` composites it) and the () overflow."""
   projected = project_mesh(verts, faces, camera, settings)
   face_ids, overflow = select_faces(projected, settings)
   pixels = camera_lib.pixel_centers(settings.image_size, projected.xy.dtype)
@@ -591,6 +849,6 @@ def soft_silhouette(
   def alpha_of(chunk):
     ids, pix = chunk
     frags = evaluate_fragments(projected, ids, pix, settings)
-    return alpha_from_coverage(frags.coverage, settings)
+    return fragment_alpha(frags, settings)
 
   return map_pixel_chunks(alpha_of, (face_ids, pixels), settings), overflow

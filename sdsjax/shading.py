@@ -9,9 +9,11 @@ Per fragment (pixel p, selected face f, perspective-correct barycentrics b):
   blends towards the grey (1 = grey only);
 * colour = albedo · (ambient + diffuse · max(0, n · light.direction)).
 
-Fragments are then blended with `raster.blend` (SoftRas softmax over depth). The depth and
-normal outputs are hard: those of the nearest face containing the pixel centre (slot 0 of
-the selection when it is inside), 0 elsewhere.
+Fragments are then blended with `raster.blend` (by default layered compositing: a pixel
+inside the mesh takes the colour of the nearest face containing its centre, the outline
+fringes of nearer surfaces blend over it, and alpha is soft outside the silhouette only;
+see `sdsjax.raster`). The depth and normal outputs are hard: those of the nearest face
+containing the pixel centre (slot 0 of the selection when it is inside), 0 elsewhere.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class RenderOutput:
 
   Attributes:
     rgb: (H, W, 3) blended colour in [0, 1] (background where empty).
-    alpha: (H, W) soft silhouette 1 − Π(1 − D).
+    alpha: (H, W) soft silhouette (`raster.fragment_alpha`: 1 where a face covers the
+      pixel centre, else the outline fringe, with the default `blend="layered"`).
     depth: (H, W) view-space distance along −z of the nearest face covering the pixel
       centre (0 where empty).
     normals: (H, W, 3) world-space unit shading normal of that face at the pixel (0 where

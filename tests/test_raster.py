@@ -51,7 +51,8 @@ def _relative_error(a, b):
   return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
-def test_finite_differences_vertices_and_texture():
+@pytest.mark.parametrize("blend", raster.BLENDS)
+def test_finite_differences_vertices_and_texture(blend):
   """d(image loss)/d(basis weights) and d/d(texture) vs central differences, in float64."""
   with jax.enable_x64(True):
     verts, faces = _sphere(2, radius=0.9)
@@ -73,7 +74,12 @@ def test_finite_differences_vertices_and_texture():
     # σ about a pixel² so silhouettes span a few pixels; K and C large enough that the
     # selection does not change under the finite-difference steps.
     settings = raster.RasterSettings(
-      image_size=32, sigma=2e-3, gamma=1e-2, faces_per_pixel=16, max_faces_per_bin=320
+      image_size=32,
+      sigma=2e-3,
+      gamma=1e-2,
+      faces_per_pixel=16,
+      max_faces_per_bin=320,
+      blend=blend,
     )
     target = jnp.asarray(rng.uniform(0.0, 1.0, (32, 32, 3)))
     pixel_weights = jnp.asarray(rng.uniform(0.5, 1.5, (32, 32)))
@@ -311,3 +317,94 @@ def test_sample_texture_bilinear():
   np.testing.assert_allclose(
     shading.sample_texture(texture, uv)[:, 0], [0.0, 1.0, 2.0, 1.5, 0.0], atol=1e-6
   )
+
+
+def test_finite_differences_at_occlusion_edges():
+  """A small sphere over a large one: the gradient of an image loss w.r.t. the small sphere's
+  position and size (its occluding contour over the large sphere) matches central
+  differences, and the contour pixels really carry it."""
+  with jax.enable_x64(True):
+    big, big_faces = _sphere(2, radius=0.9)
+    small, small_faces = _sphere(2, radius=0.35)
+    faces = jnp.asarray(np.concatenate([big_faces, small_faces + len(big)]))
+    cam = camera_lib.orbit_camera(0.0, 0.0, 3.0, fov_deg=40.0)
+    light = camera_lib.default_light(direction=jnp.array([0.4, 0.6, 1.0]))
+    settings = raster.RasterSettings(
+      image_size=32, sigma=2e-3, faces_per_pixel=16, max_faces_per_bin=640
+    )
+    rng = np.random.default_rng(1)
+    target = jnp.asarray(rng.uniform(0.0, 1.0, (32, 32, 3)))
+
+    def render(params):
+      shift, scale = params[:3], params[3]
+      verts = jnp.concatenate([jnp.asarray(big), jnp.asarray(small) * scale + shift])
+      return shading.render_soft(verts, faces, cam, light, settings, background=(0.1, 0.2, 0.3))
+
+    def loss(params):
+      return jnp.sum((render(params).rgb - target) ** 2)
+
+    params0 = jnp.array([0.15, 0.1, 0.75, 1.0])  # in front of the big sphere, off-centre
+    grad = jax.jit(jax.grad(loss))(params0)
+    loss_jit = jax.jit(loss)
+    h = 1e-5
+    for i in range(4):
+      step = jnp.zeros(4).at[i].set(h)
+      fd = (loss_jit(params0 + step) - loss_jit(params0 - step)) / (2 * h)
+      assert _relative_error(float(fd), float(grad[i])) < 0.02, (i, fd, grad[i])
+    # The x-gradient comes from the small sphere's contour over the big one: the image
+    # changes there (and alpha stays 1, the big sphere is behind).
+    moved = jax.jit(render)(params0 + jnp.array([0.02, 0.0, 0.0, 0.0]))
+    base = jax.jit(render)(params0)
+    changed = np.abs(np.asarray(moved.rgb - base.rgb)).max(-1) > 1e-3
+    assert changed.sum() > 10
+    np.testing.assert_allclose(np.asarray(base.alpha)[changed], 1.0)
+
+
+def test_outline_edges_are_contours_and_borders():
+  verts, faces = _sphere(2, radius=0.9)
+  cam = camera_lib.orbit_camera(30.0, 20.0, 3.0, fov_deg=40.0)
+  settings = raster.RasterSettings(image_size=32)
+  projected = raster.project_mesh(jnp.asarray(verts), jnp.asarray(faces), cam, settings)
+  valid, outline = np.asarray(projected.valid), np.asarray(projected.outline)
+  # Closed mesh: an outline edge is exactly a valid face's edge whose other face is culled.
+  edges = np.asarray(raster.edge_index(jnp.asarray(faces)))
+  other = {}
+  for f in range(len(faces)):
+    for i in range(3):
+      other.setdefault(edges[f, i], []).append(f)
+  expected = np.array(
+    [
+      [valid[f] and not all(valid[g] for g in other[edges[f, i]]) for i in range(3)]
+      for f in range(len(faces))
+    ]
+  )
+  np.testing.assert_array_equal(outline, expected)
+  assert 10 < outline.sum() < valid.sum()
+  # Traced faces give the same edge ids as concrete ones.
+  np.testing.assert_array_equal(jax.jit(raster.edge_index)(jnp.asarray(faces)), edges)
+  # An open quad of two triangles: its four border edges are outlines, the diagonal is not.
+  quad = jnp.array([[-0.5, -0.5, 0.0], [0.5, -0.5, 0.0], [0.5, 0.5, 0.0], [-0.5, 0.5, 0.0]])
+  quad_faces = jnp.array([[0, 1, 2], [0, 2, 3]], jnp.int32)
+  front = raster.project_mesh(quad, quad_faces, camera_lib.orbit_camera(0, 0, 3.0), settings)
+  np.testing.assert_array_equal(front.outline, [[True, True, False], [False, True, True]])
+
+
+def test_layered_alpha_is_hard_coverage_at_one_half():
+  """alpha > 0.5 exactly where a face contains the pixel centre (the outline does not grow),
+  while the fringe outside is soft; SoftRas' clipped sum grows it."""
+  verts, faces = _sphere(3, radius=0.9)
+  cam = camera_lib.orbit_camera(10.0, 20.0, 3.0, fov_deg=40.0)
+  for blend in raster.BLENDS:
+    settings = raster.RasterSettings(image_size=64, sigma=4e-4, blend=blend)
+    frags, _ = jax.jit(raster.rasterize, static_argnums=3)(
+      jnp.asarray(verts, jnp.float32), jnp.asarray(faces), cam, settings
+    )
+    alpha = np.asarray(raster.fragment_alpha(frags, settings))
+    covered = np.asarray(jnp.any(frags.inside, -1))
+    if blend == "layered":
+      np.testing.assert_array_equal(alpha > 0.5, covered)
+      np.testing.assert_allclose(alpha[covered], 1.0)
+      fringe = (~covered) & (alpha > 0.01)
+      assert fringe.sum() > 50 and alpha[fringe].max() <= 0.5
+    else:
+      assert ((alpha > 0.5) & ~covered).sum() > 20

@@ -4,16 +4,20 @@
 It implements the same algorithm with the same settings, so the baseline renders what sdsjax
 renders (see those modules' docstrings for the formulas):
 
+* projection with per-view outline edges (no valid face of the same orientation across the
+  mesh edge: contours, open borders);
 * selection without gradient: faces binned into square tiles, each tile keeps its
   `max_faces_per_bin` nearest faces (by min vertex depth), then each pixel keeps its K best
-  faces within the soft radius: covering faces first (score `2 + clip(near·w(p), 0, 1)`),
-  then soft neighbours by distance (score `1 + min_i e_i(p)/r`);
+  faces: covering faces first (score `2 + clip(near·w(p), 0, 1)`), then, with
+  `blend="layered"`, faces with an outline edge within the soft radius (score `1 − d̃/r`),
+  or with `blend="softras"` any face within it (score `1 + min_i e_i(p)/r`);
 * differentiable evaluation of the K selected faces per pixel: barycentrics, squared distance
-  to the nearest edge, SoftRas coverage `sigmoid(±d²/σ)`, perspective-correct clipped
-  barycentrics, depth;
+  to the edges, SoftRas coverage `sigmoid(±d²/σ)`, opacity (1 inside, else the outline fringe
+  `sigmoid(−d_o²/σ)`), perspective-correct clipped barycentrics, depth;
 * shading with interpolated area-weighted vertex normals and a grey albedo;
-* SoftRas softmax aggregation in log space with a background logit ε/γ, composited over the
-  background by alpha = min(1, Σ D) ("sum") or 1 − Π(1 − D) ("product").
+* `blend="layered"`: depth-sorted layered compositing of the opacities, alpha 1 where a face
+  covers the pixel centre, else the max fringe; `blend="softras"`: SoftRas softmax over depth
+  composited by alpha = min(1, Σ D) ("sum") or 1 − Π(1 − D) ("product").
 
 Everything is vectorised over (views, pixels, K) the way a PyTorch user would write it; the
 images here (≤ 128²) fit in memory whole, so there is no pixel chunking.
@@ -28,6 +32,9 @@ import torch
 
 # Coverage below this is negligible; it fixes the soft radius (SoftRas).
 _COVERAGE_EPS = 1e-4
+# Squared NDC distance standing in for "no outline edge"; depth given to empty slots.
+_NO_OUTLINE_DIST2 = 1e6
+_EMPTY_DEPTH = 1e6
 DEFAULT_ALBEDO = (0.7, 0.7, 0.7)
 
 
@@ -45,6 +52,8 @@ class RasterSettings:
   bin_size: int = 0
   max_faces_per_bin: int = 0
   cull_backfaces: bool = True
+  blend: str = "layered"
+  depth_tolerance: float = 0.03
   alpha_rule: str = "sum"
 
   @property
@@ -132,8 +141,18 @@ def _cross2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
   return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
 
+def edge_index(faces: torch.Tensor) -> torch.Tensor:
+  """(F, 3) int64 id of the undirected mesh edge (vertex i, vertex i + 1) of each face."""
+  pairs = torch.stack([faces, torch.roll(faces, -1, dims=1)], -1).reshape(-1, 2)
+  lo, hi = pairs.amin(-1).long(), pairs.amax(-1).long()
+  _, ids = torch.unique(lo * (int(faces.max()) + 1) + hi, return_inverse=True)
+  return ids.reshape(-1, 3)
+
+
 def project(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras, settings: RasterSettings):
-  """Per-face NDC positions (B, F, 3, 2), depths (B, F, 3) and validity (B, F)."""
+  """Per-face NDC positions (B, F, 3, 2), depths (B, F, 3), validity (B, F) and outline edges
+  (B, F, 3): edge i (vertex i → i + 1) of a valid face with no other valid face of the same
+  orientation (or degenerate face) across it."""
   rotation = cameras.world_to_view[:, :3, :3]
   translation = cameras.world_to_view[:, :3, 3]
   view = verts @ rotation.transpose(1, 2) + translation[:, None]
@@ -145,15 +164,33 @@ def project(verts: torch.Tensor, faces: torch.Tensor, cameras: Cameras, settings
   z = depth.index_select(1, index).reshape(depth.shape[0], -1, 3)
   with torch.no_grad():
     area2 = _cross2(xy[..., 1, :] - xy[..., 0, :], xy[..., 2, :] - xy[..., 0, :])
-    valid = (z > settings.near).all(-1) & (z < settings.far).all(-1) & (area2.abs() > 1e-12)
+    in_range = (z > settings.near).all(-1) & (z < settings.far).all(-1)
+    degenerate = in_range & (area2.abs() <= 1e-12)
+    valid = in_range & ~degenerate
     if settings.cull_backfaces:
       valid &= area2 > 0
-  return xy, z, valid
+    edges = edge_index(faces).reshape(-1)  # (3F,)
+    batch = xy.shape[0]
+
+    def per_edge_count(mask):  # (B, F) -> (B, F, 3) faces of the mask on each face's edges
+      counts = torch.zeros(batch, edges.numel(), dtype=torch.int64, device=xy.device)
+      counts.index_add_(1, edges, mask.repeat_interleave(3, dim=1).long())
+      return counts.index_select(1, edges).reshape(batch, -1, 3)
+
+    front = per_edge_count((valid & (area2 > 0)) | degenerate)
+    back = per_edge_count((valid & (area2 < 0)) | degenerate)
+    same = torch.where((area2 > 0)[..., None], front, back)
+    outline = valid[..., None] & (same <= 1)
+  return xy, z, valid, outline
 
 
 @torch.no_grad()
 def select_faces(
-  xy: torch.Tensor, z: torch.Tensor, valid: torch.Tensor, settings: RasterSettings
+  xy: torch.Tensor,
+  z: torch.Tensor,
+  valid: torch.Tensor,
+  outline: torch.Tensor,
+  settings: RasterSettings,
 ) -> tuple[torch.Tensor, torch.Tensor]:
   """Pass 1: (B, S, S, K) face ids (−1 = empty) and (B,) bin overflow."""
   batch, num_faces = xy.shape[:2]
@@ -226,15 +263,30 @@ def select_faces(
     return out.reshape(batch, *cand_ids.shape[1:], *table.shape[2:])[:, :, None]
 
   n_c, o_c = gather(normals), gather(offsets)  # (B, nt, 1, C, 3[, 2])
+  layered = settings.blend == "layered"
+  if layered:
+    ol_c = gather(outline)  # (B, nt, 1, C, 3)
   edge_min = None
+  outline_min = None
   for i in range(3):
     e = n_c[..., i, 0] * px + n_c[..., i, 1] * py + o_c[..., i]
     edge_min = e if edge_min is None else torch.minimum(edge_min, e)  # (B, nt, T², C)
+    if layered:
+      o = torch.where(ol_c[..., i], e.abs(), torch.full_like(e, torch.inf))
+      outline_min = o if outline_min is None else torch.minimum(outline_min, o)
   w = gather(plane_a) * px + gather(plane_b) * py + gather(plane_c)
   nearness = torch.clamp(w * settings.near, 0.0, 1.0)
-  qualifies = cand_ok[:, :, None, :] & (edge_min > -radius)
-  # Covering faces first, nearest first; then soft neighbours, closest edge first.
-  tiered = torch.where(edge_min >= 0, 2.0 + nearness, 1.0 + edge_min / radius)
+  covering = edge_min >= 0
+  if layered:
+    # Lower bound of the distance to the face's outline edges (inf without any).
+    near_outline = torch.maximum(-edge_min, outline_min)
+    qualifies = cand_ok[:, :, None, :] & (covering | (near_outline < radius))
+    neighbour = 1.0 - near_outline / radius
+  else:
+    qualifies = cand_ok[:, :, None, :] & (edge_min > -radius)
+    neighbour = 1.0 + edge_min / radius
+  # Covering faces first, nearest first; then soft neighbours, closest first.
+  tiered = torch.where(covering, 2.0 + nearness, neighbour)
   score = torch.where(qualifies, tiered, -torch.inf)
   best, slot = torch.topk(score, k, dim=-1)  # (B, nt, T², K); exact ties improbable
   ids = torch.gather(cand_ids[:, :, None, :].expand(-1, -1, tile * tile, -1), -1, slot)
@@ -279,23 +331,25 @@ def _gather_faces(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
   return flat.reshape(*ids.shape, width)
 
 
-def evaluate(xy, z, ids, pixels, settings: RasterSettings):
+def evaluate(xy, z, outline, ids, pixels, settings: RasterSettings):
   """Pass 2 (differentiable) for ids (B, N, K) at pixels (N, 2).
 
-  One gather of a packed (B, F, 9) table, then the formulas on (B, N, K) planes.
+  One gather of a packed (B, F, 12) table (positions, depths, outline flags), then the
+  formulas on (B, N, K) planes.
 
-  Returns (bary (B,N,K,3), depth (B,N,K), coverage (B,N,K), log_coverage (B,N,K), used).
+  Returns (bary (B,N,K,3), depth (B,N,K), coverage (B,N,K), log_coverage (B,N,K),
+  opacity (B,N,K), inside (B,N,K), used (B,N,K)).
   """
   dtype = xy.dtype
   used = ids >= 0
-  table = torch.cat([xy.reshape(*xy.shape[:2], 6), z], -1)  # (B, F, 9)
-  gathered = _gather_faces(table, torch.clamp(ids, min=0))  # (B, N, K, 9)
+  table = torch.cat([xy.reshape(*xy.shape[:2], 6), z, outline.to(dtype)], -1)  # (B, F, 12)
+  gathered = _gather_faces(table, torch.clamp(ids, min=0))  # (B, N, K, 12)
   # Empty slots see a harmless canonical triangle so no NaN reaches the gradient.
   canonical = torch.tensor(
-    [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], dtype=dtype, device=xy.device
+    [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=dtype, device=xy.device
   )
   gathered = torch.where(used[..., None], gathered, canonical)
-  x0, y0, x1, y1, x2, y2, z0, z1, z2 = gathered.unbind(-1)
+  x0, y0, x1, y1, x2, y2, z0, z1, z2, o0, o1, o2 = gathered.unbind(-1)
   px = pixels[None, :, 0:1]  # (1, N, 1)
   py = pixels[None, :, 1:2]
   area2 = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
@@ -314,10 +368,12 @@ def evaluate(xy, z, ids, pixels, settings: RasterSettings):
     dx, dy = apx - t * abx, apy - t * aby
     return dx * dx + dy * dy
 
-  dist2 = torch.minimum(
-    torch.minimum(segment_dist2(x0, y0, x1, y1), segment_dist2(x1, y1, x2, y2)),
+  edge_dist2 = [
+    segment_dist2(x0, y0, x1, y1),
+    segment_dist2(x1, y1, x2, y2),
     segment_dist2(x2, y2, x0, y0),
-  )
+  ]
+  dist2 = torch.minimum(torch.minimum(edge_dist2[0], edge_dist2[1]), edge_dist2[2])
   logit = torch.where(inside, dist2, -dist2) / settings.sigma
   zero = torch.zeros((), dtype=dtype, device=xy.device)
   coverage = torch.where(used, torch.sigmoid(logit), zero)
@@ -326,13 +382,47 @@ def evaluate(xy, z, ids, pixels, settings: RasterSettings):
     torch.nn.functional.logsigmoid(logit),
     torch.full((), -torch.inf, dtype=dtype, device=xy.device),
   )
+  # Opacity: 1 inside, else the fringe of the face's own outline edges.
+  outline_dist2 = torch.full_like(dist2, _NO_OUTLINE_DIST2)
+  for flag, d2 in zip((o0, o1, o2), edge_dist2):
+    outline_dist2 = torch.where(flag > 0.5, torch.minimum(outline_dist2, d2), outline_dist2)
+  fringe = torch.where(used, torch.sigmoid(-outline_dist2 / settings.sigma), zero)
+  opacity = torch.where(inside, torch.ones((), dtype=dtype, device=xy.device), fringe)
   # Clipped, then perspective-correct barycentrics.
   c0, c1, c2 = torch.clamp(l0, min=0.0), torch.clamp(l1, min=0.0), torch.clamp(l2, min=0.0)
   total = torch.clamp(c0 + c1 + c2, min=1e-12)
   w0, w1, w2 = c0 / (total * z0), c1 / (total * z1), c2 / (total * z2)
   depth = 1.0 / (w0 + w1 + w2)
   bary = torch.stack([w0, w1, w2], -1) * depth[..., None]
-  return bary, depth, coverage, log_coverage, used
+  return bary, depth, coverage, log_coverage, opacity, inside, used
+
+
+def layered_color(colors, depth, opacity, used, settings: RasterSettings):
+  """(..., 3) colour of depth layers composited front to back (`sdsjax.raster.layered_color`)."""
+  depth = torch.where(used, depth, torch.full_like(depth, _EMPTY_DEPTH))
+  order = torch.sort(depth.detach(), dim=-1, stable=True).indices
+  depth = torch.gather(depth, -1, order)
+  opacity = torch.gather(opacity, -1, order)
+  colors = torch.gather(colors, -2, order[..., None].expand(*order.shape, colors.shape[-1]))
+  tolerance = settings.depth_tolerance
+  width = 0.5 * tolerance
+  transmittance = torch.ones_like(opacity[..., 0])  # of the closed layers
+  covered = torch.zeros_like(transmittance)  # by the open layer
+  start = depth[..., 0]
+  color_sum = torch.zeros_like(colors[..., 0, :])
+  weight_sum = torch.zeros_like(transmittance)
+  for k in range(opacity.shape[-1]):
+    u = torch.clamp((tolerance - (depth[..., k] - start)) / width + 0.5, 0.0, 1.0)
+    joins = u * u * (3.0 - 2.0 * u)
+    transmittance = transmittance * (1.0 - (1.0 - joins) * covered)
+    covered = joins * covered
+    start = joins * start + (1.0 - joins) * depth[..., k]
+    now = torch.maximum(covered, opacity[..., k])
+    weight = transmittance * (now - covered)
+    color_sum = color_sum + weight[..., None] * colors[..., k, :]
+    weight_sum = weight_sum + weight
+    covered = now
+  return color_sum / (weight_sum + 1e-6)[..., None]
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -361,12 +451,14 @@ def render(
   """
   dtype = verts.dtype
   size = settings.image_size
-  xy, z, valid = project(verts, faces, cameras, settings)
-  ids, overflow = select_faces(xy, z, valid, settings)
+  xy, z, valid, outline = project(verts, faces, cameras, settings)
+  ids, overflow = select_faces(xy, z, valid, outline, settings)
   batch = verts.shape[0]
   ids = ids.reshape(batch, size * size, -1)
   pixels = pixel_centers(size, dtype, verts.device)
-  bary, depth, coverage, log_coverage, used = evaluate(xy, z, ids, pixels, settings)
+  bary, depth, coverage, log_coverage, opacity, inside, used = evaluate(
+    xy, z, outline, ids, pixels, settings
+  )
 
   # Lambertian shading with interpolated smooth normals and a grey albedo.
   normal_table = (
@@ -380,8 +472,13 @@ def render(
     lights.ambient[:, None, None, None] + lights.diffuse[:, None, None, None] * lambert
   )
 
-  # SoftRas softmax over depth in log space, then alpha compositing over the background.
   bg = torch.tensor(background, dtype=dtype, device=verts.device)
+  if settings.blend == "layered":
+    color = layered_color(colors, depth, opacity, used, settings)
+    alpha = torch.where(inside.any(-1), torch.ones_like(opacity[..., 0]), opacity.amax(-1))
+    rgb = alpha[..., None] * color + (1.0 - alpha[..., None]) * bg
+    return (rgb.reshape(batch, size, size, 3), alpha.reshape(batch, size, size), overflow)
+  # SoftRas softmax over depth in log space, then alpha compositing over the background.
   z_n = torch.clamp((settings.far - depth) / (settings.far - settings.near), 0.0, 1.0)
   logits = torch.where(
     used,
