@@ -5,6 +5,9 @@ columns are views at evenly spaced azimuths (0° faces the camera), rendered wit
 `sdsjax.shading.render_soft` under a light from above the camera.
 
     python scripts/render_head.py --out head_turntable.png [--model builtin] [--seeds 3]
+
+`--blend softras` renders with SoftRas' depth softmax instead of the default layered
+compositing (see `sdsjax.raster`), e.g. to compare the two.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ def render_views(
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="builtin", help="builtin | flame:PATH | PATH.npz")
+  parser.add_argument(
+    "--model", default="builtin", help="builtin | flame:PATH | ict:PATH | PATH.npz"
+  )
   parser.add_argument("--num-components", type=int, default=50)
   parser.add_argument("--out", default="head_turntable.png")
   parser.add_argument("--seeds", type=int, default=3, help="random rows after the mean row")
@@ -61,6 +66,7 @@ def main():
   parser.add_argument("--distance", type=float, default=2.8)
   parser.add_argument("--fov", type=float, default=40.0)
   parser.add_argument("--elevation", type=float, default=10.0)
+  parser.add_argument("--blend", choices=raster.BLENDS, default="layered")
   args = parser.parse_args()
 
   head = morphable.load_model(args.model, args.num_components)
@@ -70,7 +76,9 @@ def main():
   ]
   azimuths = jnp.arange(args.views, dtype=jnp.float32) * (360.0 / args.views)
   pixel = 2.0 / args.size
-  settings = raster.RasterSettings(image_size=args.size, sigma=0.5 * pixel * pixel)
+  settings = raster.RasterSettings(
+    image_size=args.size, sigma=0.5 * pixel * pixel, blend=args.blend
+  )
   rows = [
     np.asarray(render_views(head, w, azimuths, settings, args.distance, args.fov, args.elevation))
     for w in weights

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import math
-import zipfile
 from pathlib import Path
 
 import chex
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from sdsjax import bounded_npz
 from sdsjax import flame
 from sdsjax.errors import ModelFileError
 
@@ -92,6 +92,8 @@ class MorphableModel:
     skeleton: the pose model, or None (no joints to pose).
     parts: named face ranges (name, first face, end face), e.g. the head and two eyeballs;
       they cover `faces` in order.
+    expression_range: (lo, hi) bounds of the expression weights where the source defines
+      them (ICT-FaceKit's ARKit blendshapes: [0, 1]); None for N(0, 1) weights.
     source: where the model came from: "builtin", "flame", "ict" or "npz".
     source_scale: source units per world unit (the normalisation's inverse scale).
     source_offset: (3,) source-frame position of the world origin.
@@ -107,6 +109,7 @@ class MorphableModel:
   expression_names: tuple[str, ...] = struct.field(pytree_node=False, default=())
   skeleton: Skeleton | None = None
   parts: tuple[tuple[str, int, int], ...] = struct.field(pytree_node=False, default=())
+  expression_range: tuple[float, float] | None = struct.field(pytree_node=False, default=None)
   source: str = struct.field(pytree_node=False, default="npz")
   source_scale: float = struct.field(pytree_node=False, default=1.0)
   source_offset: tuple[float, float, float] = struct.field(
@@ -293,12 +296,8 @@ def _read_builtin() -> tuple[tuple[str, np.ndarray], ...]:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise ModelFileError(f"head model file not found: {path}")
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      return {key: np.asarray(data[key]) for key in data.files}
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-    reason = " ".join(str(e).split())
-    raise ModelFileError(f"{path}: not a readable .npz head model ({reason})") from None
+  # Bounded: every member's declared shape is checked before anything is allocated.
+  return bounded_npz.read_npz(path)
 
 
 def _read_flame(spec: str, num_components: int, num_expressions: int) -> dict:
@@ -474,6 +473,7 @@ def make_model(
     expression_names=expression_names,
     skeleton=_skeleton(arrays, source, num_vertices, extent),
     parts=_parts(arrays, source, faces.shape[0]),
+    expression_range=_expression_range(arrays, source),
     source=kind,
     source_scale=float(extent),
     source_offset=tuple(float(c) for c in centre),
@@ -524,6 +524,15 @@ def _skeleton(arrays: dict, source: str, num_vertices: int, extent: float) -> Sk
     parents=tuple(int(p) for p in parents),
     joint_names=joint_names,
   )
+
+
+def _expression_range(arrays: dict, source: str) -> tuple[float, float] | None:
+  if "expression_range" not in arrays:
+    return None
+  bounds = _check_array(arrays, "expression_range", source, 1, 2, "float")
+  if not bounds[0] < bounds[1]:
+    raise ModelFileError(f"{source}: 'expression_range' must be [low, high] with low < high")
+  return (float(bounds[0]), float(bounds[1]))
 
 
 def _parts(arrays: dict, source: str, num_faces: int) -> tuple[tuple[str, int, int], ...]:
