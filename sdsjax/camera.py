@@ -20,6 +20,7 @@ Everything here takes and returns arrays, so it jits and vmaps (vmap over keys w
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import chex
 import jax
@@ -66,6 +67,22 @@ class Light:
   textureless: Array
 
 
+def _check(ok: bool, name: str, value, what: str) -> None:
+  """Library-level validation: a plain ValueError naming the field (the CLI adds the section)."""
+  if not ok:
+    raise ValueError(f"{name}={value!r} is invalid: it must be {what}")
+
+
+def _check_range(name: str, value, lo: float, hi: float, what: str) -> None:
+  ok = (
+    isinstance(value, (tuple, list))
+    and len(value) == 2
+    and all(math.isfinite(v) for v in value)
+    and lo <= value[0] <= value[1] <= hi
+  )
+  _check(ok, name, value, f"[min, max] with {what} and min <= max")
+
+
 @dataclasses.dataclass(frozen=True)
 class CameraRanges:
   """Ranges of random cameras (degrees; distance in units of the head's bounding radius).
@@ -73,7 +90,8 @@ class CameraRanges:
   The azimuth is face-biased: with probability `1 − back_view_prob` it is drawn from a
   normal around 0° with std `azimuth_spread`, truncated to [−180°, 180°]; otherwise it is
   uniform on [−180°, 180°), so the back of the head is seen too. With the defaults about
-  44% of the views are front views (|azimuth| < 45°) and about 9% are back views.
+  44% of the views are front views (|azimuth| < 45°) and about 8.5% are back views
+  (`view_probabilities` gives the exact shares).
 
   The default distance and fov keep the unit bounding sphere at an NDC radius of about
   0.8–1.15 (`focal * r / sqrt(d² − r²)`), so a head (whose half-height is smaller than its
@@ -85,6 +103,68 @@ class CameraRanges:
   elevation_range: tuple[float, float] = (-10.0, 45.0)
   distance_range: tuple[float, float] = (2.6, 3.2)
   fov_range: tuple[float, float] = (40.0, 45.0)
+
+  def __post_init__(self):
+    _check(
+      math.isfinite(self.azimuth_spread) and 0 < self.azimuth_spread <= 1e4,
+      "azimuth_spread",
+      self.azimuth_spread,
+      "in (0, 10000] degrees",
+    )
+    _check(0.0 <= self.back_view_prob <= 1.0, "back_view_prob", self.back_view_prob, "in [0, 1]")
+    _check_range("elevation_range", self.elevation_range, -89.0, 89.0, "values in [-89, 89]")
+    # The eye must stay outside the unit bounding sphere (and not absurdly far).
+    _check_range("distance_range", self.distance_range, 1.05, 100.0, "values in [1.05, 100]")
+    _check_range("fov_range", self.fov_range, 1.0, 170.0, "values in [1, 170] degrees")
+
+
+@dataclasses.dataclass(frozen=True)
+class LightSettings:
+  """DreamFusion-style random diffuse lighting (see `sample_light`).
+
+  Defaults: ambient 0.3 / diffuse 0.7 rather than DreamFusion's 0.1 / 0.9, because a head
+  seen from the side with 0.1 ambient leaves half the face nearly black, which Stable
+  Diffusion reads as a dark-skinned or shadowed face. DreamFusion shades with probability
+  0.75 and draws textureless (grey albedo) renders half of the shaded time.
+  """
+
+  ambient: float = 0.3
+  diffuse: float = 0.7
+  shading_prob: float = 0.75  # else albedo only (ambient 1, diffuse 0)
+  textureless_prob: float = 0.5  # grey albedo when shaded (texture fits only)
+  position_std: float = 1.0  # std of the light position around the eye
+
+  def __post_init__(self):
+    for name in ("ambient", "diffuse"):
+      value = getattr(self, name)
+      _check(math.isfinite(value) and 0.0 <= value <= 10.0, name, value, "in [0, 10]")
+    _check(self.ambient + self.diffuse > 0, "ambient", self.ambient, "> 0 when diffuse is 0")
+    for name in ("shading_prob", "textureless_prob"):
+      value = getattr(self, name)
+      _check(0.0 <= value <= 1.0, name, value, "in [0, 1]")
+    _check(
+      math.isfinite(self.position_std) and 0.0 <= self.position_std <= 100.0,
+      "position_std",
+      self.position_std,
+      "in [0, 100]",
+    )
+
+
+def view_probabilities(ranges: CameraRanges) -> dict[str, float]:
+  """Exact shares of front (|az| < 45°) and back (|az| > 135°) azimuths under `ranges`."""
+  spread = ranges.azimuth_spread
+
+  def normal_cdf(x):
+    return 0.5 * (1.0 + math.erf(x / (spread * math.sqrt(2.0))))
+
+  mass = normal_cdf(180.0) - normal_cdf(-180.0)
+  front_normal = (normal_cdf(45.0) - normal_cdf(-45.0)) / mass
+  back_normal = 2.0 * (normal_cdf(180.0) - normal_cdf(135.0)) / mass
+  p = ranges.back_view_prob
+  return {
+    "front": (1 - p) * front_normal + p * 0.25,
+    "back": (1 - p) * back_normal + p * 0.25,
+  }
 
 
 def _normalize(v: Array, eps: float = 1e-12) -> Array:
@@ -202,54 +282,44 @@ def sample_camera(key: Array, ranges: CameraRanges = CameraRanges()) -> tuple[Ca
   return orbit_camera(azimuth, elevation, distance, fov), azimuth, elevation
 
 
-def sample_light(
-  key: Array,
-  camera: Camera,
-  ambient=0.3,
-  diffuse=0.7,
-  shading_prob=1.0,
-  textureless_prob=0.0,
-  position_std=1.0,
-) -> Light:
+def sample_light(key: Array, camera: Camera, settings: LightSettings = LightSettings()) -> Light:
   """Draws a DreamFusion-style random light.
 
   The light position is drawn from N(camera eye, position_std² I) and the light shines from
   that position towards the head at the origin, so the lit side mostly faces the camera.
-
-  Defaults: ambient 0.3 / diffuse 0.7 rather than DreamFusion's 0.1 / 0.9, because a head
-  seen from the side with 0.1 ambient leaves half the face nearly black, which Stable
-  Diffusion reads as a dark-skinned or shadowed face.
+  With probability `shading_prob` the render is shaded (ambient + diffuse); otherwise it is
+  albedo-only (ambient 1, diffuse 0). Shaded renders are textureless (grey albedo) with
+  probability `textureless_prob`.
 
   Args:
     key: PRNG key.
     camera: the view the light is drawn around.
-    ambient: () ambient intensity when shading is on.
-    diffuse: () diffuse intensity when shading is on.
-    shading_prob: probability of shading; otherwise the light is albedo-only
-      (ambient 1, diffuse 0). DreamFusion uses 0.75.
-    textureless_prob: probability of the grey albedo, drawn only when shading is on
-      (DreamFusion uses 0.5).
-    position_std: std of the light position around the eye.
+    settings: the light's settings (static config data; close over it under vmap).
 
   Returns:
     The light.
   """
   k_pos, k_shade, k_tex = jax.random.split(key, 3)
   eye = camera.eye
-  position = eye + position_std * jax.random.normal(k_pos, eye.shape, eye.dtype)
+  position = eye + settings.position_std * jax.random.normal(k_pos, eye.shape, eye.dtype)
   direction = _normalize(position)
-  shaded = jax.random.uniform(k_shade) < shading_prob
-  textureless = jnp.logical_and(shaded, jax.random.uniform(k_tex) < textureless_prob)
+  shaded = jax.random.uniform(k_shade) < settings.shading_prob
+  textureless = jnp.logical_and(shaded, jax.random.uniform(k_tex) < settings.textureless_prob)
   dtype = eye.dtype
   return Light(
     direction=direction,
-    ambient=jnp.where(shaded, jnp.asarray(ambient, dtype), 1.0).astype(dtype),
-    diffuse=jnp.where(shaded, jnp.asarray(diffuse, dtype), 0.0).astype(dtype),
+    ambient=jnp.where(shaded, jnp.asarray(settings.ambient, dtype), 1.0).astype(dtype),
+    diffuse=jnp.where(shaded, jnp.asarray(settings.diffuse, dtype), 0.0).astype(dtype),
     textureless=textureless.astype(dtype),
   )
 
 
-def default_light(camera: Camera | None = None, direction=None, ambient=0.3, diffuse=0.7) -> Light:
+def default_light(
+  camera: Camera | None = None,
+  direction=None,
+  ambient=LightSettings.ambient,
+  diffuse=LightSettings.diffuse,
+) -> Light:
   """A fixed light: from `direction`, else from the camera eye (head-on light), else +z."""
   if direction is None:
     direction = camera.eye if camera is not None else jnp.array([0.0, 0.0, 1.0])

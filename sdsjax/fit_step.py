@@ -3,16 +3,16 @@
 Reading `make_fit_step` top to bottom gives the whole method:
   sample views and t -> render -> resize -> VAE encode (kept for the backward pass) -> noise ->
   UNet on [uncond, cond] (no gradient) -> CFG -> w(t)·(ε̂ − ε) -> back through VAE and renderer ->
-  optax: clip_by_global_norm -> L2 towards 0 -> Adam.
+  optax: clip_by_global_norm -> priors (Gaussian on every weight group, fold-overs, texture
+  smoothness) -> Adam, skipping (and counting) any step whose gradient is not finite.
 
-The denoiser and the encoder are plain functions passed in, so tests can plug in an analytic
-denoiser and a cheap encoder. Their parameters travel as jit arguments (`frozen`), never as
-constants baked into the compiled program.
+The denoiser and the encoder are plain functions passed in, so tests and the quality benchmark
+can plug in analytic denoisers ("teachers") and a cheap encoder. Their parameters travel as jit
+arguments (`frozen`), never as constants baked into the compiled program.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +24,8 @@ import optax
 from flax import struct
 
 from sdsjax import camera as camera_lib
+from sdsjax import config as config_lib
 from sdsjax import morphable
-from sdsjax import raster
 from sdsjax import sds
 from sdsjax import shading
 from sdsjax.config import FitConfig
@@ -37,15 +37,33 @@ EncodeFn = Callable[[Any, jax.Array], jax.Array]
 # prompt with camera_lib.VIEW_SUFFIXES appended (all equal when view prompts are off).
 NUM_EMBEDDING_ROWS = 1 + len(camera_lib.VIEW_SUFFIXES)
 
+# Parameter name -> optimiser group (each group has its own lr, clip, prior and start step).
+PARAM_GROUPS = {
+  "weights": "identity",
+  "expression": "expression",
+  "pose": "pose",
+  "texture_logits": "texture",
+}
+GEOMETRY_PARAMS = ("weights", "expression", "pose")
+# apply_if_finite never lets a non-finite update through by itself: the run loop stops after
+# cfg.max_bad_steps consecutive bad steps instead.
+_NEVER = 2**30
+
 
 @struct.dataclass
 class FitState:
-  """One prompt's optimisation state. Batched over prompts, every leaf gains a leading (P,)."""
+  """One prompt's optimisation state. Batched over prompts, every leaf gains a leading (P,).
 
-  step: jax.Array  # () int32
-  params: dict  # {"weights": (K,), optional "texture_logits": (Ht, Wt, 3)}
+  Attributes:
+    step: () int32 steps taken (skipped ones included).
+    params: {"weights": (K,), optional "expression": (E,), "pose": (J_fit, 3) axis-angle of
+      cfg.pose_joints, "texture_logits": (Ht, Wt, 3)}.
+    opt_state: the optax state; `bad_steps(opt_state)` reads its skip counters.
+  """
+
+  step: jax.Array
+  params: dict
   opt_state: Any
-  skipped: jax.Array  # () int32: steps whose gradient was not finite, so not applied
 
 
 @struct.dataclass
@@ -55,6 +73,34 @@ class Frozen:
   vae_params: Any
   unet_params: Any
   alphas_cumprod: jax.Array  # (T,)
+
+
+@struct.dataclass
+class View:
+  """One random view: camera and light (the light carries the shading mode)."""
+
+  camera: camera_lib.Camera
+  light: camera_lib.Light
+  azimuth: jax.Array  # () degrees
+  elevation: jax.Array  # () degrees
+
+
+@struct.dataclass
+class DenoiserContext:
+  """What a denoiser may know about the latents it is asked about; leading (N,) like them.
+
+  `eps_fn(params, z_t, t, text_embeddings, context)` receives it, so a denoiser can condition
+  on the sampled view (a view-aware teacher, or a ControlNet fed the head's projected
+  landmarks: project the head's vertices at `geometry` through `view.camera`).
+
+  Attributes:
+    view: the views the latents were rendered from.
+    geometry: the head's current geometry parameters ("weights" (N, K), optional "expression",
+      "pose"), without gradient.
+  """
+
+  view: View
+  geometry: dict
 
 
 def texture_from_logits(logits):
@@ -69,35 +115,63 @@ def texture_smoothness(texture):
   return jnp.mean(dy**2) + jnp.mean(dx**2)
 
 
-def make_optimizer(cfg: FitConfig) -> optax.GradientTransformation:
-  """clip_by_global_norm -> L2 towards 0 -> Adam for the weights; the texture has its own lr."""
-  if cfg.lr_schedule == "cosine":
-    warmup = max(cfg.warmup_steps, 1)
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1))
-  elif cfg.warmup_steps > 0:
-    lr = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
-  else:
-    lr = cfg.lr
-  shape_opt = optax.chain(
-    optax.clip_by_global_norm(cfg.grad_clip),
-    optax.add_decayed_weights(cfg.weight_decay),
-    optax.adam(lr, b1=cfg.adam_b1, b2=cfg.adam_b2),
-  )
-  if not cfg.texture:
-    return optax.multi_transform({"shape": shape_opt}, {"weights": "shape"})
-  texture_lr = lambda count: jnp.where(count < cfg.texture_start_step, 0.0, cfg.texture_lr)
-  texture_opt = optax.chain(
-    optax.clip_by_global_norm(cfg.grad_clip),
-    optax.adam(texture_lr, b1=cfg.adam_b1, b2=cfg.adam_b2),
-  )
-  return optax.multi_transform(
-    {"shape": shape_opt, "texture": texture_opt}, {"weights": "shape", "texture_logits": "texture"}
+# ----------------------------------------------------------------------------------------------
+# Parameters and the optimiser.
+
+
+def pose_joint_indices(cfg: FitConfig, head: morphable.MorphableModel) -> tuple[int, ...]:
+  """Indices of cfg.pose_joints in the head's skeleton (checked by `check_head`)."""
+  if not cfg.pose_joints:
+    return ()
+  names = head.skeleton.joint_names
+  return tuple(names.index(j) for j in cfg.pose_joints)
+
+
+def check_head(cfg: FitConfig, head: morphable.MorphableModel) -> None:
+  """Raises ConfigError when the config asks for parameters the head model does not have."""
+  from sdsjax.errors import ConfigError
+
+  if cfg.pose_joints:
+    if head.skeleton is None:
+      raise ConfigError(
+        f"pose_joints={list(cfg.pose_joints)} but the head model '{cfg.head}' has no skeleton "
+        "(only FLAME has joints); set pose_joints=[]"
+      )
+    unknown = [j for j in cfg.pose_joints if j not in head.skeleton.joint_names]
+    if unknown:
+      raise ConfigError(
+        f"pose_joints: unknown joint {unknown[0]!r}; the head has "
+        f"{', '.join(head.skeleton.joint_names)}"
+      )
+  if cfg.num_expressions != head.num_expressions:
+    raise ConfigError(
+      f"num_expressions={cfg.num_expressions} but the head model was loaded with "
+      f"{head.num_expressions}"
+    )
+
+
+def full_pose(cfg: FitConfig, head: morphable.MorphableModel, params: dict) -> jax.Array | None:
+  """(J, 3) axis-angles for every joint: the fitted ones from params, the rest at rest."""
+  if "pose" not in params:
+    return None
+  index = jnp.asarray(pose_joint_indices(cfg, head), jnp.int32)
+  return jnp.zeros((head.num_joints, 3), params["pose"].dtype).at[index].set(params["pose"])
+
+
+def head_vertices(cfg: FitConfig, head: morphable.MorphableModel, params: dict) -> jax.Array:
+  """(V, 3) world vertices of the head at `params`."""
+  return morphable.vertices(
+    head, params["weights"], params.get("expression"), full_pose(cfg, head, params)
   )
 
 
-def init_params(cfg: FitConfig, num_components: int) -> dict:
-  """Weights at 0 (the mean head); texture logits at a neutral skin tone."""
-  params = {"weights": jnp.zeros((num_components,), jnp.float32)}
+def init_params(cfg: FitConfig, head: morphable.MorphableModel) -> dict:
+  """The mean head (every weight 0, rest pose); texture logits at a neutral skin tone."""
+  params = {"weights": jnp.zeros((head.num_components,), jnp.float32)}
+  if cfg.num_expressions:
+    params["expression"] = jnp.zeros((cfg.num_expressions,), jnp.float32)
+  if cfg.pose_joints:
+    params["pose"] = jnp.zeros((len(cfg.pose_joints), 3), jnp.float32)
   if cfg.texture:
     skin = jnp.array([0.78, 0.62, 0.52], jnp.float32)
     logit = jnp.log(skin / (1.0 - skin))
@@ -107,74 +181,168 @@ def init_params(cfg: FitConfig, num_components: int) -> dict:
   return params
 
 
-def init_state(cfg: FitConfig, num_components: int) -> FitState:
-  params = init_params(cfg, num_components)
+def learning_rate(cfg: FitConfig, group: str):
+  """The lr schedule of one parameter group (warmup + cosine or constant; delayed starts)."""
+  peak = {
+    "identity": cfg.lr,
+    "expression": cfg.expression_lr,
+    "pose": cfg.pose_lr,
+    "texture": cfg.texture_lr,
+  }[group]
+  start = {"expression": cfg.expression_start_step, "texture": cfg.texture_start_step}.get(group, 0)
+  if cfg.lr_schedule == "cosine":
+    warmup = max(cfg.warmup_steps, 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+      0.0, peak, warmup, max(cfg.steps - start, warmup + 1)
+    )
+  elif cfg.warmup_steps > 0:
+    schedule = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+  else:
+    schedule = optax.constant_schedule(peak)
+  if not start:
+    return schedule
+  # The count is Adam's (applied steps): the group waits, then runs its own schedule.
+  return lambda count: jnp.where(count < start, 0.0, schedule(jnp.maximum(count - start, 0)))
+
+
+def add_gradient_of(penalty: Callable[[Any], jax.Array]) -> optax.GradientTransformation:
+  """Adds ∇penalty(params) to the updates: a regulariser at its place in an optax chain."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("add_gradient_of needs the params")
+    grads = jax.grad(penalty)(params)
+    return jax.tree.map(jnp.add, updates, grads), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def nan_if_norm_overflows() -> optax.GradientTransformation:
+  """Makes every update NaN when their global norm is not finite, so `apply_if_finite` skips it.
+
+  Finite elements can still overflow the norm (e.g. guidance 1e30): clipping would then turn
+  the step into a silent zero update instead of a counted bad step.
+  """
+
+  def update(updates, state, params=None):
+    del params
+    bad = ~jnp.isfinite(optax.tree.norm(updates))
+    return jax.tree.map(lambda u: jnp.where(bad, jnp.nan, u), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def fold_penalty(verts: jax.Array, faces: jax.Array, rest_normals: jax.Array, cos_min: float):
+  """Mean over faces of relu(cos_min − n·n_rest)²: faces that turn (fold) away from the mean.
+
+  Within the model's plausible range faces turn little, so the penalty is 0 there and does not
+  bias a fit; folds and self-intersections begin as faces that flip.
+  """
+  normals = shading.face_normals(verts, faces)
+  cos = jnp.sum(normals * rest_normals, axis=-1)
+  return jnp.mean(jax.nn.relu(cos_min - cos) ** 2)
+
+
+def make_optimizer(cfg: FitConfig, head: morphable.MorphableModel) -> optax.GradientTransformation:
+  """Per group: clip_by_global_norm -> Gaussian prior (L2) -> fold/texture priors -> Adam.
+
+  The priors act on the clipped SDS gradient (norm ≤ grad_clip), so their weights do not depend
+  on the scale of the SDS signal. Non-finite gradients (or norms) skip the step.
+  """
+  labels = lambda params: {name: PARAM_GROUPS[name] for name in params}
+  groups = ("identity", "expression", "pose", "texture")
+  prior = {
+    "identity": cfg.prior.identity,
+    "expression": cfg.prior.expression,
+    "pose": cfg.prior.pose,
+    "texture": 0.0,
+  }
+  rest_normals = shading.face_normals(head.mean, head.faces)
+
+  def shape_and_texture_penalty(params):
+    total = jnp.zeros((), jnp.float32)
+    if cfg.prior.fold > 0:
+      verts = head_vertices(cfg, head, params)
+      total += cfg.prior.fold * fold_penalty(verts, head.faces, rest_normals, cfg.prior.fold_cos)
+    if "texture_logits" in params and cfg.texture_smoothness > 0:
+      texture = texture_from_logits(params["texture_logits"])
+      total += cfg.texture_smoothness * texture_smoothness(texture)
+    return total
+
+  clip_and_prior = {
+    g: optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.add_decayed_weights(prior[g]))
+    for g in groups
+  }
+  adam = {g: optax.adam(learning_rate(cfg, g), b1=cfg.adam_b1, b2=cfg.adam_b2) for g in groups}
+  inner = optax.chain(
+    optax.partition(clip_and_prior, labels),
+    add_gradient_of(shape_and_texture_penalty),
+    optax.partition(adam, labels),
+  )
+  return optax.chain(nan_if_norm_overflows(), optax.apply_if_finite(inner, _NEVER))
+
+
+def bad_steps(opt_state) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(consecutive, total, last_finite) counters of skipped steps, read from apply_if_finite."""
+  get = lambda name: optax.tree_utils.tree_get(opt_state, name)
+  return get("notfinite_count"), get("total_notfinite"), get("last_finite")
+
+
+def init_state(cfg: FitConfig, head: morphable.MorphableModel) -> FitState:
+  params = init_params(cfg, head)
   return FitState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    opt_state=make_optimizer(cfg).init(params),
-    skipped=jnp.zeros((), jnp.int32),
+    opt_state=make_optimizer(cfg, head).init(params),
   )
 
 
-def camera_ranges(cfg: FitConfig) -> camera_lib.CameraRanges:
-  return camera_lib.CameraRanges(**dataclasses.asdict(cfg.camera))
-
-
-def raster_settings(cfg: FitConfig, resolution: int) -> raster.RasterSettings:
-  return raster.RasterSettings(
-    image_size=resolution,
-    sigma=cfg.raster.sigma,
-    gamma=cfg.raster.gamma,
-    faces_per_pixel=cfg.raster.faces_per_pixel,
-  )
-
-
-@struct.dataclass
-class View:
-  """One random view: camera and light (the light carries the shading mode)."""
-
-  camera: camera_lib.Camera
-  light: camera_lib.Light
-  azimuth: jax.Array  # () degrees
-  elevation: jax.Array  # () degrees
+# ----------------------------------------------------------------------------------------------
+# Views, timesteps, rendering.
 
 
 def sample_view(key, step, cfg: FitConfig) -> View:
   """A DreamFusion-style random camera and light for one render.
 
   Shape-only fits always shade a grey head. Texture fits also draw albedo-only renders
-  (which teach colour) and textureless ones (which teach shape), and start albedo-only.
+  (which teach colour) and textureless ones (which teach shape), and may start albedo-only.
   """
   k_cam, k_light = jax.random.split(key)
-  cam, azimuth, elevation = camera_lib.sample_camera(k_cam, camera_ranges(cfg))
-  if cfg.texture:
-    light = camera_lib.sample_light(
-      k_light,
-      cam,
-      ambient=cfg.light.ambient,
-      diffuse=cfg.light.diffuse,
-      shading_prob=cfg.light.shading_prob,
-      textureless_prob=cfg.light.textureless_prob,
+  cam, azimuth, elevation = camera_lib.sample_camera(k_cam, cfg.camera)
+  settings = cfg.light
+  if not cfg.texture:
+    settings = camera_lib.LightSettings(
+      ambient=settings.ambient,
+      diffuse=settings.diffuse,
+      shading_prob=1.0,
+      textureless_prob=0.0,
+      position_std=settings.position_std,
     )
+  light = camera_lib.sample_light(k_light, cam, settings)
+  if cfg.texture and cfg.light.ambient_only_steps:
     early = step < cfg.light.ambient_only_steps
     light = light.replace(
       ambient=jnp.where(early, 1.0, light.ambient),
       diffuse=jnp.where(early, 0.0, light.diffuse),
       textureless=jnp.where(early, 0.0, light.textureless),
     )
-  else:
-    light = camera_lib.sample_light(
-      k_light, cam, ambient=cfg.light.ambient, diffuse=cfg.light.diffuse
-    )
   return View(camera=cam, light=light, azimuth=azimuth, elevation=elevation)
 
 
 def render_view(
-  head: morphable.MorphableModel, params: dict, view: View, settings, background=(1.0, 1.0, 1.0)
+  cfg: FitConfig,
+  head: morphable.MorphableModel,
+  params: dict,
+  view: View,
+  settings,
+  background=(1.0, 1.0, 1.0),
 ):
-  """Renders the head at `params` from `view`: (R, R, 3) in [0, 1]."""
-  verts = morphable.vertices(head, params["weights"])
+  """Renders the head at `params` from `view`: ((R, R, 3) in [0, 1], () int32 overflow)."""
+  verts = head_vertices(cfg, head, params)
   texture = None
   if "texture_logits" in params:
     texture = texture_from_logits(params["texture_logits"])
@@ -198,7 +366,7 @@ class StepInputs:
 
   views: View  # leaves have a leading (n,)
   t: jax.Array  # (n,) int32
-  noise: jax.Array  # (n, h, w, 4) with h = w = sd_resolution / 8
+  noise: jax.Array  # (n, h, w, c) with h = w = sd_resolution / 8
 
 
 def make_sampler(cfg: FitConfig, view_sampler=None, latent_channels: int = 4):
@@ -206,13 +374,13 @@ def make_sampler(cfg: FitConfig, view_sampler=None, latent_channels: int = 4):
   view_sampler = view_sampler or (lambda key, step: sample_view(key, step, cfg))
   n = cfg.sds_samples
   h = cfg.sd_resolution // 8
-  t_min, t_max = cfg.t_range
 
   def sample_inputs(key, step, num_timesteps: int) -> StepInputs:
     k_view, k_t, k_noise = jax.random.split(key, 3)
     views = jax.vmap(lambda k: view_sampler(k, step))(jax.random.split(k_view, n))
-    t_hi = sds.annealed_t_max(step, cfg.steps, t_max, cfg.t_max_end)
-    t = sds.sample_timesteps(k_t, (n,), t_min, t_hi, num_timesteps)
+    t = sds.schedule_timesteps(
+      k_t, (n,), step, cfg.steps, cfg.t_range, cfg.t_max_end, cfg.t_schedule, num_timesteps
+    )
     noise = jax.random.normal(k_noise, (n, h, h, latent_channels), jnp.float32)
     return StepInputs(views=views, t=t, noise=noise)
 
@@ -227,7 +395,7 @@ def make_gradient_fn(
   This is the SDS gradient on the head parameters for given random draws, the quantity the
   PyTorch baseline is checked against.
   """
-  settings = raster_settings(cfg, cfg.render_resolution)
+  settings = config_lib.raster_settings(cfg, cfg.render_resolution)
 
   def compute_gradients(params: dict, inputs: StepInputs, embeddings, frozen: Frozen):
     chex.assert_rank(embeddings, 3)
@@ -243,7 +411,7 @@ def make_gradient_fn(
 
     # 3. Render, resize to the SD resolution, encode; keep the VJP for step 8.
     def render_and_encode(p):
-      images, overflow = jax.vmap(lambda v: render_view(head, p, v, settings))(views)
+      images, overflow = jax.vmap(lambda v: render_view(cfg, head, p, v, settings))(views)
       images = jax.image.resize(
         images, (n, cfg.sd_resolution, cfg.sd_resolution, 3), method="bilinear"
       )
@@ -251,7 +419,12 @@ def make_gradient_fn(
 
     latents, backward, overflow = jax.vjp(render_and_encode, params, has_aux=True)
 
-    # 4-7. Noise, UNet on [uncond, cond] without its Jacobian, CFG, w(t)·(ε̂ − ε).
+    # 4-7. Noise, the denoiser on [uncond, cond] without its Jacobian, CFG, w(t)·(ε̂ − ε).
+    geometry = {k: v for k, v in params.items() if k in GEOMETRY_PARAMS}
+    geometry = jax.tree.map(
+      lambda x: jnp.broadcast_to(jax.lax.stop_gradient(x), (n, *x.shape)), geometry
+    )
+    context = DenoiserContext(view=views, geometry=geometry)
     grad_z, residual = sds.sds_gradient(
       eps_fn,
       frozen.unet_params,
@@ -263,17 +436,11 @@ def make_gradient_fn(
       frozen.alphas_cumprod,
       cfg.guidance_scale,
       cfg.weighting,
+      context=context,
     )
 
-    # 8. Back through the VAE encoder and the renderer (mean over the n samples).
+    # 8. Back through the encoder and the renderer (mean over the n samples).
     (grads,) = backward(grad_z / n)
-    if "texture_logits" in params:
-      prior = jax.grad(
-        lambda p: (
-          cfg.texture_smoothness * texture_smoothness(texture_from_logits(p["texture_logits"]))
-        )
-      )(params)
-      grads = jax.tree.map(jnp.add, grads, prior)
     aux = {"loss": jnp.mean(residual**2), "overflow": jnp.sum(overflow)}
     return grads, aux
 
@@ -296,9 +463,11 @@ def make_fit_step(
     embeddings: (NUM_EMBEDDING_ROWS, L, D) text embeddings; row 0 unconditional/negative.
     frozen: Frozen (VAE and UNet params, ᾱ).
 
-  `view_sampler(key, step) -> View` replaces the random DreamFusion views (e.g. a fixed camera).
+  `eps_fn(params, z_t, t, text_embeddings, context)` is the denoiser (see `DenoiserContext`);
+  `view_sampler(key, step) -> View` replaces the random DreamFusion views (e.g. fixed cameras).
   """
-  optimizer = make_optimizer(cfg)
+  check_head(cfg, head)
+  optimizer = make_optimizer(cfg, head)
   sample_inputs = make_sampler(cfg, view_sampler)
   compute_gradients = make_gradient_fn(cfg, head, encode_fn, eps_fn)
 
@@ -309,23 +478,22 @@ def make_fit_step(
     )
     # 2-8. Render, encode, noise, denoise, guide, weight, back-propagate.
     grads, aux = compute_gradients(state.params, inputs, embeddings, frozen)
-    # 9. optax; a non-finite gradient is skipped and counted instead of applied.
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    # 9. optax; a non-finite gradient (or norm) is skipped and counted instead of applied.
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jnp.where(finite, new, old)
-    new_state = FitState(
-      step=state.step + 1,
-      params=jax.tree.map(keep, params, state.params),
-      opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-      skipped=state.skipped + (~finite).astype(jnp.int32),
-    )
+    if head.expression_range is not None and "expression" in params:
+      # Bounded blendshapes (ARKit's [0, 1]): projected Adam keeps them in their box.
+      params["expression"] = jnp.clip(params["expression"], *head.expression_range)
+    consecutive, total, finite = bad_steps(opt_state)
+    new_state = FitState(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {
       **aux,
       "grad_norm": optax.tree.norm(grads),
       "t": jnp.mean(inputs.t.astype(jnp.float32)),
       "finite": finite,
+      "bad_in_a_row": consecutive,
+      "skipped": total,
+      "max_abs_weight": jnp.max(jnp.abs(params["weights"])),
     }
     return new_state, metrics
 

@@ -18,8 +18,11 @@ import chex
 import jax
 import jax.numpy as jnp
 
-# eps_fn(params, latents_noisy (N,h,w,4), t (N,), text_embeddings (N,L,D)) -> ε (N,h,w,4).
-EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+# eps_fn(params, latents_noisy (N,h,w,4), t (N,), text_embeddings (N,L,D), context) -> ε
+# (N,h,w,4). `context` is a pytree with leading (N,) that tells the denoiser what it looks at
+# (sdsjax.fit_step.DenoiserContext: the sampled views and the head's geometry); Stable
+# Diffusion ignores it, view-aware denoisers (teachers, ControlNets) read it.
+EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any], jax.Array]
 
 
 def annealed_t_max(step, total_steps: int, t_max: float, t_max_end: float):
@@ -34,6 +37,40 @@ def sample_timesteps(key, shape, t_min, t_max, num_train_timesteps: int) -> jax.
   hi = jnp.ceil(t_max * num_train_timesteps)
   t = jax.random.uniform(key, shape, minval=lo, maxval=hi)
   return jnp.clip(t.astype(jnp.int32), 0, num_train_timesteps - 1)
+
+
+def schedule_timesteps(
+  key,
+  shape,
+  step,
+  total_steps: int,
+  t_range: tuple[float, float],
+  t_max_end: float,
+  schedule: str,
+  num_train_timesteps: int,
+) -> jax.Array:
+  """Integer timesteps for one step of a run, as int32 of `shape`.
+
+  - "random": t ~ U(t_min, t_max) (DreamFusion).
+  - "anneal": t ~ U(t_min, t_hi) with t_hi falling linearly from t_max to t_max_end
+    (coarse shape first, details later; threestudio's linear max-t annealing).
+  - "dreamtime": a monotone non-increasing t(step) = t_max − (t_max − t_max_end)·√(step/total)
+    (the square-root anneal of HiFA/threestudio, DreamTime's monotone idea), jittered by
+    ±2.5% of [t_min, t_max] so that repeated draws differ.
+  """
+  t_min, t_max = t_range
+  if schedule == "random":
+    return sample_timesteps(key, shape, t_min, t_max, num_train_timesteps)
+  if schedule == "anneal":
+    t_hi = annealed_t_max(step, total_steps, t_max, t_max_end)
+    return sample_timesteps(key, shape, t_min, t_hi, num_train_timesteps)
+  if schedule == "dreamtime":
+    frac = jnp.clip(step / max(total_steps - 1, 1), 0.0, 1.0)
+    centre = t_max - (t_max - t_max_end) * jnp.sqrt(frac)
+    jitter = 0.025 * (t_max - t_min) * jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
+    t = jnp.clip(centre + jitter, t_min, t_max) * num_train_timesteps
+    return jnp.clip(t.astype(jnp.int32), 0, num_train_timesteps - 1)
+  raise ValueError(f"unknown t schedule '{schedule}'")
 
 
 def sds_weight(alpha_bar, weighting: str = "sds"):
@@ -69,6 +106,7 @@ def sds_gradient(
   alphas_cumprod,
   guidance_scale: float,
   weighting: str = "sds",
+  context: Any = None,
 ):
   """The SDS gradient w(t)·(ε̂ − ε) on `latents`, with no path back through the denoiser.
 
@@ -83,6 +121,7 @@ def sds_gradient(
     alphas_cumprod: (T,) ᾱ.
     guidance_scale: s.
     weighting: see `sds_weight`.
+    context: pytree with leading (N,) passed on to `eps_fn` (duplicated for both halves).
 
   Returns:
     (grad (N, h, w, c), eps_residual (N, h, w, c) = ε̂ − ε), both free of gradients.
@@ -98,6 +137,7 @@ def sds_gradient(
     jnp.concatenate([noisy, noisy]),
     jnp.concatenate([t, t]),
     jnp.concatenate([uncond_embeddings, text_embeddings]),
+    jax.tree.map(lambda x: jnp.concatenate([x, x]), context),
   )
   eps = jax.lax.stop_gradient(eps).astype(latents.dtype)
   eps_uncond, eps_text = jnp.split(eps, 2)

@@ -113,10 +113,37 @@ def test_sample_camera_respects_ranges():
   np.testing.assert_allclose(np.rad2deg(np.arcsin(eye[:, 1] / dist)), el, atol=1e-3)
   eye_az = np.rad2deg(np.arctan2(eye[:, 0], eye[:, 2]))
   np.testing.assert_allclose(np.cos(np.deg2rad(eye_az - az)), 1.0, atol=1e-5)
-  # Face-biased, but the back is seen too.
-  front = np.mean(np.abs(az) < 45.0)
-  back = np.mean(np.abs(az) > 135.0)
-  assert front > 0.4 and 0.03 < back < front
+  # Face-biased, but the back is seen too: the shares match the analytic ones within 4.5
+  # binomial standard deviations of the 2000 draws.
+  want = camera_lib.view_probabilities(ranges)
+  for name, share in (("front", np.mean(np.abs(az) < 45.0)), ("back", np.mean(np.abs(az) > 135.0))):
+    sd = np.sqrt(want[name] * (1 - want[name]) / len(az))
+    assert abs(share - want[name]) < 4.5 * sd, (name, share, want[name])
+  assert want["back"] < want["front"]
+
+
+def test_default_view_shares_match_the_docs():
+  """The docstring promises about 44% front and 8.5% back views with the default ranges."""
+  want = camera_lib.view_probabilities(camera_lib.CameraRanges())
+  assert abs(want["front"] - 0.44) < 0.005 and abs(want["back"] - 0.085) < 0.002, want
+
+
+@pytest.mark.parametrize(
+  "field, value",
+  [
+    ("azimuth_spread", 0.0),
+    ("azimuth_spread", float("nan")),
+    ("back_view_prob", 1.5),
+    ("elevation_range", (30.0, 10.0)),
+    ("elevation_range", (-10.0, 95.0)),
+    ("distance_range", (0.0, 3.0)),
+    ("distance_range", (2.6, float("inf"))),
+    ("fov_range", (0.0, 40.0)),
+  ],
+)
+def test_camera_ranges_refuse_bad_values(field, value):
+  with pytest.raises(ValueError, match=field):
+    camera_lib.CameraRanges(**{field: value})
 
 
 def test_sample_light():
@@ -124,7 +151,9 @@ def test_sample_light():
   keys = jax.random.split(jax.random.PRNGKey(1), 500)
   lights = jax.vmap(
     lambda k: camera_lib.sample_light(
-      k, cam, ambient=0.1, diffuse=0.9, shading_prob=0.75, textureless_prob=0.5
+      k,
+      cam,
+      camera_lib.LightSettings(ambient=0.1, diffuse=0.9, shading_prob=0.75, textureless_prob=0.5),
     )
   )(keys)
   np.testing.assert_allclose(np.linalg.norm(lights.direction, axis=-1), 1.0, rtol=1e-5)

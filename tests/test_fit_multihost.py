@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -19,65 +20,124 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-  common = [
-    "--prompt",
-    "an old man",
-    "--prompt",
-    "a young woman",
-    "--model",
-    "tiny-random",
-    "--config",
-    TINY,
-    "--steps",
-    "4",
-    "num_components=8",
-    "--no-progress",
-  ]
+# Shared by both tests, so the 2-process program compiles once (JAX's compile cache); the
+# number of steps is not part of the program.
+COMMON = [
+  "--prompt",
+  "an old man",
+  "--prompt",
+  "a young woman",
+  "--model",
+  "tiny-random",
+  "--config",
+  TINY,
+  "checkpoint_every=4",
+  "num_components=8",
+  "preview_resolution=16",
+  "prompts_per_device=1",
+  "--no-progress",
+]
+
+
+def environment():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
+  return env
+
+
+def start_pod(argv):
+  """Two processes of `python -m sdsjax.fit argv`, joined over loopback."""
   address = f"127.0.0.1:{free_port()}"
-  procs = [
+  return [
     subprocess.Popen(
       [
-        sys.executable,
-        "-m",
-        "sdsjax.fit",
-        *common,
-        "--out",
-        str(tmp_path / "pod"),
-        "--coordinator-address",
-        address,
-        "--num-processes",
-        "2",
-        "--process-id",
-        str(i),
+        *(sys.executable, "-m", "sdsjax.fit", *argv),
+        *("--coordinator-address", address, "--num-processes", "2", "--process-id", str(i)),
       ],
-      env=env,
+      env=environment(),
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
     )
     for i in range(2)
   ]
-  logs = [p.communicate(timeout=900)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(l[-2000:] for l in logs)
+
+
+def finish(procs, codes=(0, 0), timeout=900):
+  logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  assert [p.returncode for p in procs] == list(codes), "\n".join(l[-2000:] for l in logs)
+  return logs
+
+
+STEPS = "8"
+
+
+@pytest.fixture(scope="module")
+def pod_run(tmp_path_factory):
+  """The uninterrupted 2-process run: compared with one process, and with a resumed pod."""
+  out = tmp_path_factory.mktemp("pod") / "whole"
+  finish(start_pod([*COMMON, "--steps", STEPS, "--out", str(out)]))
+  return out
+
+
+def test_two_processes_match_one(pod_run, tmp_path):
+  argv = [*COMMON, "--steps", STEPS]
   single = subprocess.run(
-    [sys.executable, "-m", "sdsjax.fit", *common, "--out", str(tmp_path / "one")],
-    env=env,
+    [
+      sys.executable,
+      "-m",
+      "sdsjax.fit",
+      *argv,
+      "prompts_per_device=2",
+      "--out",
+      str(tmp_path / "one"),
+    ],
+    env=environment(),
     capture_output=True,
     text=True,
     timeout=900,
   )
   assert single.returncode == 0, single.stderr[-2000:]
 
-  pod = json.loads((tmp_path / "pod" / "run.json").read_text())
+  pod = json.loads((pod_run / "run.json").read_text())
   assert pod["process_count"] == 2 and len(pod["devices"]) == 2
   for slug in ("an-old-man", "a-young-woman"):
-    a = np.load(tmp_path / "pod" / slug / "params.npz")["weights"]
+    a = np.load(pod_run / slug / "params.npz")["weights"]
     b = np.load(tmp_path / "one" / slug / "params.npz")["weights"]
     assert np.abs(b).max() > 0
     # Each process compiles a batch of 1 where the single process compiles a batch of 2, so
     # XLA picks different kernels; Adam rescales the resulting ~1e-7 gradient noise to ~1e-5.
     # A wrong prompt/key assignment would differ by the step size (~1e-2).
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(pod_run, tmp_path):
+  """A preempted host (SIGTERM to one process): both stop at one step, checkpoint, resume."""
+  import signal
+  import time
+
+  argv = [*COMMON, "--steps", STEPS]
+  out = tmp_path / "pod"
+  procs = start_pod([*argv, "--out", str(out)])
+  metrics = out / "an-old-man" / "metrics.jsonl"
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    assert all(p.poll() is None for p in procs), [p.communicate()[0][-2000:] for p in procs]
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)  # only the second host is preempted
+  logs = finish(procs, (143, 143), timeout=600)
+  assert "--resume" in logs[0].strip().splitlines()[-1]
+  stopped = len(metrics.read_text().splitlines())
+  assert 2 <= stopped < int(STEPS)
+  # Both processes agreed: the checkpoint is at the step process 0 logged last.
+  steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == stopped, (steps, stopped)
+
+  finish(start_pod(["--resume", "--out", str(out)]))
+  whole = pod_run
+  for slug in ("an-old-man", "a-young-woman"):
+    a = np.load(out / slug / "params.npz")["weights"]
+    b = np.load(whole / slug / "params.npz")["weights"]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

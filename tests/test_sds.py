@@ -1,5 +1,7 @@
 """SDS math: weighting, guidance, noising, the surrogate loss, and the gradient formula."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +66,7 @@ def test_sds_gradient_formula_and_no_denoiser_jacobian():
   emb_c = jax.random.normal(ke, (2, 3, 8))
   emb_u = jnp.zeros_like(emb_c)
 
-  def eps_fn(scale, x, tt, emb):
+  def eps_fn(scale, x, tt, emb, context):
     # ε depends on the text through the embedding mean, so CFG is visible.
     return scale * x + jnp.mean(emb, axis=(1, 2))[:, None, None, None]
 
@@ -81,3 +83,34 @@ def test_sds_gradient_formula_and_no_denoiser_jacobian():
     lambda zz: jnp.sum(sds.sds_gradient(eps_fn, 0.3, zz, t, noise, emb_c, emb_u, abar, 7.5)[0])
   )(z)
   assert float(jnp.max(jnp.abs(dz))) == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["random", "anneal", "dreamtime"])
+def test_timestep_schedules(schedule):
+  key = jax.random.PRNGKey(0)
+  draws = lambda step: np.asarray(
+    sds.schedule_timesteps(key, (4000,), step, 1000, (0.02, 0.98), 0.5, schedule, 1000)
+  )
+  start, end = draws(0), draws(999)
+  assert start.min() >= 20 and start.max() <= 980 and end.min() >= 20
+  if schedule == "random":
+    assert end.max() > 900  # no annealing
+  else:
+    assert end.max() <= 500 + 30  # the max falls to t_max_end
+  if schedule == "dreamtime":
+    # Monotone: a narrow band that only moves down.
+    mids = [np.median(draws(s)) for s in (0, 250, 500, 750, 999)]
+    assert all(a >= b for a, b in itertools.pairwise(mids)) and np.ptp(start) < 60
+
+
+def test_context_reaches_the_denoiser():
+  """The context (leading N) is passed on for both halves of the [uncond; cond] batch."""
+  z = jnp.zeros((2, 2, 2, 4))
+  context = {"bias": jnp.array([1.0, 2.0])}
+  eps_fn = lambda p, x, t, e, c: jnp.broadcast_to(c["bias"][:, None, None, None], x.shape)
+  t = jnp.array([500, 500])
+  emb = jnp.zeros((2, 1, 1))
+  _grad, residual = sds.sds_gradient(
+    eps_fn, None, z, t, z, emb, emb, jnp.full((1000,), 0.5), 3.0, "uniform", context=context
+  )
+  np.testing.assert_allclose(np.asarray(residual)[:, 0, 0, 0], [1.0, 2.0])

@@ -85,7 +85,7 @@ def setup():
 
 def test_text_embeddings_match(setup):
   cfg, sd, parts = setup["cfg"], setup["sd"], setup["parts"]
-  jax_emb = embedding_table(sd.encode_text, [PROMPT], cfg)
+  jax_emb = embedding_table(sd, [PROMPT], cfg)
   torch_emb = sds_step.embedding_table(parts, [PROMPT], cfg.negative_prompt, cfg.view_prompts)
   assert torch_emb.shape == jax_emb.shape
   np.testing.assert_allclose(torch_emb.numpy(), np.asarray(jax_emb), atol=2e-5, rtol=1e-4)
@@ -116,12 +116,12 @@ def test_renders_match(setup):
   from sdsjax import raster as jax_raster
 
   cfg, head, inputs, weights = setup["cfg"], setup["head"], setup["inputs"], setup["weights"]
-  settings = fit_step.raster_settings(cfg, cfg.render_resolution)
+  settings = config_lib.raster_settings(cfg, cfg.render_resolution)
 
   @jax.jit
   def jax_render(weights, views):
     def one(view):
-      rgb, _ = fit_step.render_view(head, {"weights": weights}, view, settings)
+      rgb, _ = fit_step.render_view(cfg, head, {"weights": weights}, view, settings)
       projected = jax_raster.project_mesh(
         morphable.vertices(head, weights), head.faces, view.camera, settings
       )
@@ -137,10 +137,10 @@ def test_renders_match(setup):
     w = to_torch(weights)[None]
     torch_rgb = grad.render(w, tin)
     verts = setup["torch_head"].vertices(w).repeat_interleave(NUM_VIEWS, 0)
-    xy, z, valid = torch_raster.project(
+    xy, z, valid, outline = torch_raster.project(
       verts, setup["torch_head"].faces, tin.cameras, grad.settings
     )
-    torch_ids, _ = torch_raster.select_faces(xy, z, valid, grad.settings)
+    torch_ids, _ = torch_raster.select_faces(xy, z, valid, outline, grad.settings)
   # Slot order may differ between exact ties; the set of faces per pixel may not (a float-level
   # near-tie at the K-th slot may flip a few pixels, hence the 0.5% allowance).
   same = np.all(np.sort(np.asarray(jax_ids), -1) == np.sort(torch_ids.numpy(), -1), -1)
@@ -168,7 +168,7 @@ def test_sds_gradient_parity(setup):
     unet_params=sd.params["unet"],
     alphas_cumprod=jnp.asarray(sd.alphas_cumprod, jnp.float32),
   )
-  jax_emb = jnp.asarray(embedding_table(sd.encode_text, [PROMPT], cfg))[0]
+  jax_emb = jnp.asarray(embedding_table(sd, [PROMPT], cfg))[0]
   compute = jax.jit(
     fit_step.make_gradient_fn(cfg, setup["head"], sd.encode_image, sd.predict_noise)
   )
@@ -190,13 +190,23 @@ def test_sds_gradient_parity(setup):
 
 
 def test_optimizer_matches():
-  """clip_grad_norm_ -> Adam(weight_decay) == optax clip -> add_decayed_weights -> adam."""
+  """clip_grad_norm_ -> Adam(weight_decay) == optax clip -> add_decayed_weights (prior) -> adam."""
   cfg = config_lib.load_config(
-    TINY, [dict(lr_schedule="cosine", warmup_steps=3, steps=12, grad_clip=1.0, weight_decay=0.05)]
+    TINY,
+    [
+      dict(
+        lr_schedule="cosine",
+        warmup_steps=3,
+        steps=12,
+        grad_clip=1.0,
+        num_components=8,
+        prior={"identity": 0.05, "fold": 0.0},
+      )
+    ],
   )
   rng = np.random.default_rng(2)
   grads = [rng.normal(size=8).astype(np.float32) * s for s in (0.3, 3.0, 1.0, 10.0, 0.1) * 2]
-  opt = fit_step.make_optimizer(cfg)
+  opt = fit_step.make_optimizer(cfg, morphable.load_model(cfg.head, cfg.num_components))
   params = {"weights": jnp.asarray(rng.normal(size=8).astype(np.float32))}
   w = torch.tensor(np.asarray(params["weights"]), requires_grad=True)
   state = opt.init(params)
