@@ -4,11 +4,14 @@
 #   OUT=/tmp/gpu-results bash benchmarks/gpu_suite.sh [seconds]
 #
 # Runs, most important first, each under what is left of the time budget (default 540 s):
-#   1. bench_models.py, float32 (TF32 on both sides): SD-1.5 UNet forward, VAE encode fwd+bwd;
-#   2. bench_fit.py --config sd15 --prompts 1, float32, with the per-stage breakdown;
-#   3. bench_models.py, bfloat16;
-#   4. bench_fit.py --config sd15 --prompts 1 4, bfloat16;
-#   5. bench_fit.py --config tiny --prompts 1 4 8.
+#   1. bench_fit --config sd15 --prompts 1, float32 (TF32 on both sides): the float32 speed and
+#      device-memory goals at P=1;
+#   2. bench_fit --config sd15 --prompts 1 8 32, bfloat16: the P-scaling table (prompts·steps/s,
+#      memory per prompt, share of the measured bf16 matmul rate);
+#   3. bench_models, float32: SD-1.5 UNet forward, VAE encode fwd+bwd;
+#   4. bench_models, bfloat16;
+#   5. bench_fit --config tiny --prompts 1 8 32.
+# Each runs as a module from the repository root (`python3 -m benchmarks.NAME`).
 # `SUITE=smoke` runs only a quick end-to-end check (tiny config, P=1) to try the environment.
 # Each writes its log (JSON, then the tables) under $OUT. Python packages missing on the machine can be
 # provided as wheels in .whl/ (installed into /tmp/site first).
@@ -49,17 +52,18 @@ step() {   # step NAME MAX_SECONDS COMMAND...: runs COMMAND within the budget le
 }
 
 if [ "${SUITE:-full}" = smoke ]; then
-  step smoke_tiny 150 python3 benchmarks/bench_fit.py --config tiny --prompts 1 --repeats 1 \
+  step smoke_tiny 150 python3 -m benchmarks.bench_fit --config tiny --prompts 1 --repeats 1 \
     --memory none
   cat "$OUT/summary.txt"; exit 0
 fi
-step models_fp32 170 python3 benchmarks/bench_models.py --what unet vae --repeats 10
-step fit_sd15_fp32 230 python3 benchmarks/bench_fit.py --config sd15 --prompts 1 --steps 5 \
-  --repeats 3 --impls sdsjax torch-batched --memory none
-step models_bf16 100 python3 benchmarks/bench_models.py --what unet vae --repeats 10 --dtype bfloat16
-step fit_sd15_bf16 150 python3 benchmarks/bench_fit.py --config sd15 --prompts 1 4 --steps 5 \
+step fit_sd15_fp32 150 python3 -m benchmarks.bench_fit --config sd15 --prompts 1 --steps 5 \
+  --repeats 3 --impls sdsjax torch-batched --memory none --no-breakdown
+step fit_sd15_bf16 270 python3 -m benchmarks.bench_fit --config sd15 --prompts 1 8 32 --steps 5 \
   --repeats 3 --dtype bfloat16 --impls sdsjax torch-batched --memory none --no-breakdown
-step fit_tiny 120 python3 benchmarks/bench_fit.py --config tiny --prompts 1 4 8 --repeats 3 \
+step models_fp32 170 python3 -m benchmarks.bench_models --what unet vae --repeats 10
+step models_bf16 100 python3 -m benchmarks.bench_models --what unet vae --repeats 10 \
+  --dtype bfloat16
+step fit_tiny 120 python3 -m benchmarks.bench_fit --config tiny --prompts 1 8 32 --repeats 3 \
   --memory none --no-breakdown
 echo "== done in ${SECONDS}s" | tee -a "$OUT/summary.txt"
 cat "$OUT/summary.txt"

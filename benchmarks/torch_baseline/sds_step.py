@@ -6,7 +6,8 @@ sdsjax loads; the soft rasterizer of `raster.py`; `torch.optim.Adam`. One step p
 
   render -> F.interpolate (bilinear) to the SD resolution -> VAE encode (posterior mean ×
   scaling_factor) -> noise -> UNet on [uncond, cond] under no_grad -> CFG -> w(t)·(ε̂ − ε)
-  -> latents.backward(gradient) -> clip_grad_norm_ -> Adam with L2 (weight_decay).
+  -> latents.backward(gradient) -> clip_grad_norm_ -> + the fold prior's gradient -> Adam with
+  the Gaussian prior as L2 (weight_decay = cfg.prior.identity), as sdsjax's optax chain.
 
 Two drivers: `LoopBaseline` processes prompts one after another (the article's way) and
 `BatchedBaseline` runs P prompts as one batch (what a strong PyTorch user would do).
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.torch_baseline import raster
+from . import raster
 
 VIEW_SUFFIXES = ("front view", "side view", "back view", "overhead view")
 NUM_EMBEDDING_ROWS = 1 + len(VIEW_SUFFIXES)
@@ -179,12 +180,10 @@ class SdsInputs:
 
 
 def raster_settings(cfg, resolution: int) -> raster.RasterSettings:
-  return raster.RasterSettings(
-    image_size=resolution,
-    sigma=cfg.raster.sigma,
-    gamma=cfg.raster.gamma,
-    faces_per_pixel=cfg.raster.faces_per_pixel,
-  )
+  """The port's settings from cfg.raster: every field the port has (it leaves out chunking)."""
+  ported = {f.name for f in dataclasses.fields(raster.RasterSettings)}
+  values = {k: v for k, v in dataclasses.asdict(cfg.raster).items() if k in ported}
+  return raster.RasterSettings(**dict(values, image_size=resolution))
 
 
 def sample_inputs(
@@ -219,23 +218,41 @@ def sample_inputs(
   distance = uniform(*cam.distance_range)
   fov = uniform(*cam.fov_range)
   cameras = raster.orbit_cameras(azimuth, elevation, distance, fov)
-  position = cameras.eye + torch.randn(n, 3, generator=g, device=dev)
+  position = cameras.eye + cfg.light.position_std * torch.randn(n, 3, generator=g, device=dev)
   direction = position / position.norm(dim=-1, keepdim=True).clamp(min=1e-6)
   lights = raster.Lights(
     direction=direction,
     ambient=torch.full((n,), cfg.light.ambient, device=dev),
     diffuse=torch.full((n,), cfg.light.diffuse, device=dev),
   )
-  t_min, t_max = cfg.t_range
-  frac = min(max(step / max(cfg.steps - 1, 1), 0.0), 1.0)
-  t_hi = t_max + (cfg.t_max_end - t_max) * frac
-  lo, hi = math.floor(t_min * num_timesteps), math.ceil(t_hi * num_timesteps)
-  t = uniform(lo, hi).long().clamp(0, num_timesteps - 1)
+  t = sample_timesteps(g, cfg, n, step, num_timesteps)
   h = cfg.sd_resolution // 8
   noise = torch.randn(n, latent_channels, h, h, generator=g, device=dev)
   return SdsInputs(
     cameras=cameras, lights=lights, azimuth=azimuth, elevation=elevation, t=t, noise=noise
   )
+
+
+def sample_timesteps(
+  generator: torch.Generator, cfg, n: int, step: int, num_timesteps: int
+) -> torch.Tensor:
+  """(n,) int64 timesteps by cfg.t_schedule, as `sdsjax.sds.schedule_timesteps` draws them:
+  "random" U(t_min, t_max)·T, "anneal" with t_max falling linearly to t_max_end, "dreamtime" a
+  square-root anneal jittered by ±2.5% of [t_min, t_max]."""
+  g, dev = generator, generator.device
+  t_min, t_max = cfg.t_range
+  frac = min(max(step / max(cfg.steps - 1, 1), 0.0), 1.0)
+  if cfg.t_schedule == "dreamtime":
+    centre = t_max - (t_max - cfg.t_max_end) * math.sqrt(frac)
+    jitter = 0.025 * (t_max - t_min) * (2.0 * torch.rand(n, generator=g, device=dev) - 1.0)
+    t = (centre + jitter).clamp(t_min, t_max) * num_timesteps
+    return t.long().clamp(0, num_timesteps - 1)
+  if cfg.t_schedule not in ("random", "anneal"):
+    raise ValueError(f"unknown t schedule '{cfg.t_schedule}'")
+  t_hi = t_max + (cfg.t_max_end - t_max) * frac if cfg.t_schedule == "anneal" else t_max
+  lo, hi = math.floor(t_min * num_timesteps), math.ceil(t_hi * num_timesteps)
+  t = lo + (hi - lo) * torch.rand(n, generator=g, device=dev)
+  return t.long().clamp(0, num_timesteps - 1)
 
 
 def sds_weight(alpha_bar: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -342,11 +359,44 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
 
 
 def make_optimizer(cfg, params: torch.Tensor):
-  """Adam with L2 added to the gradient before the moments (clip -> L2 -> Adam)."""
+  """Adam with the Gaussian prior's gradient λw added before the moments (torch's L2
+  weight_decay, sdsjax's add_decayed_weights after the clip)."""
   opt = torch.optim.Adam(
-    [params], lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2), eps=1e-8, weight_decay=cfg.weight_decay
+    [params],
+    lr=cfg.lr,
+    betas=(cfg.adam_b1, cfg.adam_b2),
+    eps=1e-8,
+    weight_decay=cfg.prior.identity,
   )
   return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def face_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+  """(B, F, 3) unit normals of the counter-clockwise faces of (B, V, 3) vertices."""
+  tri = verts[:, faces]  # (B, F, 3, 3)
+  n = torch.linalg.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0])
+  return n / n.pow(2).sum(-1, keepdim=True).clamp(min=1e-20).sqrt()
+
+
+class FoldPrior:
+  """sdsjax's fold-over prior (`fit_step.fold_penalty`): fold · mean over faces of
+  relu(fold_cos − n·n_rest)², n_rest the mean shape's normals. Its gradient is added to the
+  clipped SDS gradient, before Adam."""
+
+  def __init__(self, cfg, head: Head):
+    self.head, self.weight, self.cos_min = head, cfg.prior.fold, cfg.prior.fold_cos
+    self.rest = face_normals(head.mean[None], head.faces)
+
+  def gradient(self, weights: torch.Tensor) -> torch.Tensor:
+    """(P, K) weights -> (P, K) gradient of each prompt's penalty (zeros with fold = 0)."""
+    if self.weight <= 0:
+      return torch.zeros_like(weights)
+    with torch.enable_grad():
+      w = weights.detach().requires_grad_(True)
+      cos = (face_normals(self.head.vertices(w), self.head.faces) * self.rest).sum(-1)
+      penalty = torch.relu(self.cos_min - cos).pow(2).mean(-1).sum()  # prompts are independent
+      (grad,) = torch.autograd.grad(self.weight * penalty, w)
+    return grad
 
 
 class LoopBaseline:
@@ -363,6 +413,7 @@ class LoopBaseline:
   ):
     self.cfg = cfg
     self.sds = SdsGradient(cfg, head, parts, compile_render)
+    self.fold = FoldPrior(cfg, head)
     self.embeddings = embeddings
     self.num_timesteps = parts.alphas_cumprod.shape[0]
     self.weights, self.optimizers, self.generators = [], [], []
@@ -383,6 +434,7 @@ class LoopBaseline:
       aux = self.sds(w, inputs, self.embeddings[i : i + 1])
       if torch.isfinite(w.grad).all():
         aux["grad_norm"] = torch.nn.utils.clip_grad_norm_([w], self.cfg.grad_clip)
+        w.grad.add_(self.fold.gradient(w))
         opt.step()
         sched.step()
       else:
@@ -396,7 +448,8 @@ class BatchedBaseline:
   """P prompts in one batch: one render/VAE/UNet call, one backward, one Adam over (P, K).
 
   Adam with L2 is element-wise, so one optimizer over the (P, K) tensor equals P optimizers;
-  the clipping is per prompt (row), as in sdsjax, and done in place without a Python loop.
+  the clipping is per prompt (row), as in sdsjax, and done in place without a Python loop, and
+  the fold prior's gradient is per row too.
   """
 
   def __init__(
@@ -410,6 +463,7 @@ class BatchedBaseline:
   ):
     self.cfg = cfg
     self.sds = SdsGradient(cfg, head, parts, compile_render)
+    self.fold = FoldPrior(cfg, head)
     self.embeddings = embeddings
     self.num_timesteps = parts.alphas_cumprod.shape[0]
     self.num_prompts = embeddings.shape[0]
@@ -432,6 +486,7 @@ class BatchedBaseline:
     grad.nan_to_num_(0.0, 0.0, 0.0)
     norms = grad.norm(dim=1, keepdim=True)
     grad.mul_(torch.clamp(self.cfg.grad_clip / (norms + 1e-6), max=1.0))
+    grad.add_(self.fold.gradient(self.weights))
     aux["grad_norm"] = norms[:, 0]
     if bool(finite.all()):
       self.optimizer.step()

@@ -1,0 +1,277 @@
+"""Fit quality with ground truth: the default config against teachers whose answer is known.
+
+    python -m benchmarks.bench_quality                       # every case, the default config
+    python -m benchmarks.bench_quality --cases recovery null --set prior.identity=0.05
+    python -m benchmarks.bench_quality --encoder tiny-vae     # the tiny-random VAE instead
+
+No SD weights reach this machine, so the denoiser is a teacher (sdsjax.teachers): both CFG
+branches are exact Gaussian denoisers in latent space, seen from the sampled view; the
+conditional one sits around a target head w*, the unconditional one around the mean head with
+the spread of random heads. At guidance 100 this has the shape and the noise of real SDS. By
+default the views come from a bank of 512 drawn once from the fit's own camera and light
+distribution, with the teacher's latents precomputed (`--bank 0` renders them every step).
+
+Cases (each one vmapped fit of many prompts, the default config at a CPU-sized resolution):
+- recovery: 16 targets w* ~ N(0, 1) over all 50 components × 2 seeds -> ‖w − w*‖/‖w*‖;
+- null: conditional = unconditional (no information) -> RMS of the final weights;
+- expression: identity and expression targets together (builtin head, its expressions);
+- texture: a target UV texture with the shape fixed at w* = 0 -> texture PSNR.
+Prints JSON and a table; `--json FILE` keeps the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import common
+
+CASES = ("recovery", "null", "expression", "texture")
+# A CPU-sized version of the default config: everything else is FitConfig's default.
+CPU_SIZE = ["render_resolution=64", "sd_resolution=64", "model=teacher"]
+TARGETS = {"recovery": 16, "null": 8, "expression": 8, "texture": 2}
+TARGET_SEED = 20261201
+RECORD_EVERY = 10
+
+
+def load_cfg(case: str, overrides: list[str]):
+  from sdsjax import config as config_lib
+
+  extra = list(CPU_SIZE)
+  if case == "expression":
+    extra.append("num_expressions=12")
+  if case == "texture":
+    # The shape is the mean head (target w* = 0); only the texture has something to learn.
+    extra += ["texture=true", "texture_resolution=64", "lr=0.0"]
+  return config_lib.load_config(None, [*extra, *overrides])
+
+
+def target_texture(size: int) -> np.ndarray:
+  """A smooth, colourful target: skin tone with broad coloured bands (face paint)."""
+  v, u = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
+  base = np.array([0.78, 0.62, 0.52])
+  bands = np.stack(
+    [
+      0.25 * np.sin(2 * math.pi * 3 * u),
+      0.2 * np.cos(2 * math.pi * 2 * v),
+      0.2 * np.sin(2 * math.pi * (2 * u + v)),
+    ],
+    -1,
+  )
+  return np.clip(base + bands, 0.05, 0.95).astype(np.float32)
+
+
+def psnr(a, b) -> float:
+  mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+  return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def used_texels(head, size: int) -> np.ndarray:
+  """(size, size) mask of the texels the UV layout maps onto the mesh (the rest never render)."""
+  from PIL import Image
+  from PIL import ImageDraw
+
+  mask = Image.new("L", (size, size), 0)
+  draw = ImageDraw.Draw(mask)
+  uv = np.asarray(head.uvs)[np.asarray(head.uv_faces)]  # (F, 3, 2)
+  for tri in uv:
+    draw.polygon([(x * size, (1.0 - y) * size) for x, y in tri], fill=1)
+  return np.asarray(mask, bool)
+
+
+def run_case(case: str, args, log) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from sdsjax import fit_step
+  from sdsjax import morphable
+  from sdsjax import teachers
+  from sdsjax.models import stable_diffusion
+  from sdsjax.models import tiny_random
+
+  cfg = load_cfg(case, args.set)
+  head = morphable.load_model(cfg.head, cfg.num_components, cfg.num_expressions)
+  scheduler = {
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "num_train_timesteps": 1000,
+  }
+  alphas = jnp.asarray(stable_diffusion.alphas_cumprod_from_config(scheduler))
+  if args.encoder == "tiny-vae":
+    sd = stable_diffusion.load_stable_diffusion(tiny_random.NAME)
+    vae_params = sd.params["vae"]
+    encode = sd.encode_image
+  else:
+    vae_params, encode = None, teachers.latent_rgb_encoder()
+  encode_fn = lambda params, images: encode(vae_params, images)
+
+  n_targets = args.targets or TARGETS[case]
+  rng = np.random.default_rng(TARGET_SEED)
+  targets = {"weights": rng.standard_normal((n_targets, head.num_components)).astype(np.float32)}
+  if case == "expression":
+    targets["expression"] = rng.standard_normal((n_targets, cfg.num_expressions))
+    targets["expression"] = targets["expression"].astype(np.float32)
+  if case == "texture":
+    targets["weights"] = np.zeros_like(targets["weights"])
+    targets["texture"] = np.stack([target_texture(cfg.texture_resolution)] * n_targets)
+    init = fit_step.init_params(cfg, head)["texture_logits"]
+    targets["base_texture"] = np.asarray(jax.nn.sigmoid(init))
+  targets = {k: jnp.asarray(v) for k, v in targets.items()}
+  index = np.repeat(np.arange(n_targets), args.seeds)  # prompt -> target
+  emb = jnp.asarray(teachers.teacher_embeddings(index, conditional=case != "null"))
+
+  spread = teachers.latent_spread(cfg, head, encode_fn, jax.random.PRNGKey(1))
+  teacher_params = {"alphas_cumprod": alphas}
+  view_sampler = None
+  t_bank = time.perf_counter()
+  if args.bank:
+    bank = teachers.view_bank(cfg, head, encode_fn, targets, jax.random.PRNGKey(2), args.bank)
+    teacher_params["bank"] = bank
+    view_sampler = teachers.bank_view_sampler(bank)
+    eps_fn = teachers.banked_gaussian_teacher(args.cond_std * spread, spread)
+  else:
+    teacher_params["targets"] = targets
+    eps_fn = teachers.gaussian_teacher(cfg, head, encode_fn, args.cond_std * spread, spread)
+  bank_s = time.perf_counter() - t_bank
+  frozen = fit_step.Frozen(vae_params=None, unet_params=teacher_params, alphas_cumprod=alphas)
+  step = fit_step.make_batched_step(
+    fit_step.make_fit_step(cfg, head, encode_fn, eps_fn, view_sampler=view_sampler),
+    donate=False,
+  )
+  num_prompts = len(index)
+  seeds = [cfg.seed + i for i in range(num_prompts)]
+  keys = fit_step.prompt_keys(seeds)
+  state = fit_step.batch_states([fit_step.init_state(cfg, head)] * num_prompts)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, keys, emb, frozen).compile()
+  compile_s = time.perf_counter() - t0
+  curve, t_run = [], time.perf_counter()
+  for i in range(cfg.steps):
+    state, _ = compiled(state, keys, emb, frozen)
+    if (i + 1) % RECORD_EVERY == 0 or i + 1 == cfg.steps:
+      curve.append((i + 1, np.asarray(state.params["weights"])))
+      if args.progress and (i + 1) % (RECORD_EVERY * 10) == 0:
+        log(f"{case}: step {i + 1}/{cfg.steps}")
+  jax.block_until_ready(state)
+  wall = time.perf_counter() - t_run
+  skipped = int(np.sum(np.asarray(fit_step.bad_steps(state.opt_state)[1])))
+  w = np.asarray(state.params["weights"])
+  row = {
+    "case": case,
+    "prompts": num_prompts,
+    "steps": cfg.steps,
+    "latent_spread": spread,
+    "compile_s": compile_s,
+    "bank_s": bank_s,
+    "wall_s": wall,
+    "skipped_steps": skipped,
+  }
+  w_star = np.asarray(targets["weights"])[index]
+  if case in ("recovery", "expression"):
+    rel = np.linalg.norm(w - w_star, axis=1) / np.linalg.norm(w_star, axis=1)
+    row["recovery_rel_err_median"] = float(np.median(rel))
+    row["recovery_rel_err_p90"] = float(np.percentile(rel, 90))
+    half = []
+    for p in range(num_prompts):
+      first = [
+        s for s, wk in curve if np.linalg.norm(wk[p] - w_star[p]) <= 0.5 * np.linalg.norm(w_star[p])
+      ]
+      half.append(first[0] if first else math.inf)
+    median = float(np.median(half))
+    row["steps_to_half_error"] = median if math.isfinite(median) else None  # None: never
+    row["rms_weight"] = float(np.sqrt(np.mean(w**2)))
+  if case == "expression":
+    e, e_star = np.asarray(state.params["expression"]), np.asarray(targets["expression"])[index]
+    rel = np.linalg.norm(e - e_star, axis=1) / np.linalg.norm(e_star, axis=1)
+    row["expression_rel_err_median"] = float(np.median(rel))
+    row["expression_rel_err_p90"] = float(np.percentile(rel, 90))
+  if case == "null":
+    row["null_rms_weight"] = float(np.sqrt(np.mean(w**2)))
+    row["null_max_abs_weight"] = float(np.abs(w).max())
+  if case == "texture":
+    fitted = 1.0 / (1.0 + np.exp(-np.asarray(state.params["texture_logits"])))
+    want = target_texture(cfg.texture_resolution)
+    mask = used_texels(head, cfg.texture_resolution)
+    row["texture_psnr_db"] = float(np.mean([psnr(f[mask], want[mask]) for f in fitted]))
+    row["texture_psnr_all_texels_db"] = float(np.mean([psnr(f, want) for f in fitted]))
+    row["texture_psnr_start_db"] = psnr(np.asarray(targets["base_texture"])[mask], want[mask])
+  return row
+
+
+GOALS = {
+  "recovery_rel_err_median": ("<=", 0.2),
+  "recovery_rel_err_p90": ("<=", 0.35),
+  "null_rms_weight": ("<=", 0.3),
+  "texture_psnr_db": (">=", 25.0),
+  "expression_rel_err_median": ("<=", 0.3),
+}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+  parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+  parser.add_argument("--targets", type=int, default=0, help="targets per case (0: the default)")
+  parser.add_argument("--seeds", type=int, default=2, help="seeds per target")
+  parser.add_argument("--cond-std", type=float, default=0.1, help="× the spread of random heads")
+  parser.add_argument("--encoder", choices=("linear-rgb", "tiny-vae"), default="linear-rgb")
+  parser.add_argument(
+    "--bank",
+    type=int,
+    default=512,
+    help="views drawn once (from the fit's own distribution) with precomputed teacher latents; "
+    "0 renders the teacher's means from every sampled view (3× the cost per step)",
+  )
+  parser.add_argument("--json", help="also write the JSON report here")
+  parser.add_argument("--no-progress", dest="progress", action="store_false")
+  args = parser.parse_args(argv)
+  log = common.logger("bench_quality")
+  t0 = time.perf_counter()
+  rows = common.run_grid(lambda case: run_case(case, args, log), common.grid(case=args.cases), log)
+  summary = {}
+  for row in rows:
+    for key in GOALS:
+      if key in row:
+        summary[key] = row[key]
+  checks = []
+  for key, (op, goal) in GOALS.items():
+    if key in summary:
+      value = summary[key]
+      ok = value <= goal if op == "<=" else value >= goal
+      checks.append([key, common.fmt(value), f"{op} {goal}", "yes" if ok else "NO"])
+  report = {
+    **common.run_info("benchmarks.bench_quality", config_overrides=[*CPU_SIZE, *args.set]),
+    "encoder": args.encoder,
+    "cond_std_of_spread": args.cond_std,
+    "view_bank": args.bank,
+    "rows": rows,
+    "summary": summary,
+    "total_wall_s": time.perf_counter() - t0,
+  }
+  header = ["case", "prompts", "steps", "wall s", "result"]
+  table_rows = []
+  for row in rows:
+    result = ", ".join(
+      f"{k} {common.fmt(v)}"
+      for k, v in row.items()
+      if k.endswith(("_median", "_p90", "rms_weight", "_db", "half_error")) or k == "error"
+    )
+    table_rows.append(
+      [row["case"], row.get("prompts"), row.get("steps"), common.fmt(row.get("wall_s")), result]
+    )
+  tables = [
+    common.markdown_table(header, table_rows),
+    common.markdown_table(["metric", "value", "goal", "met"], checks),
+    f"total wall time {report['total_wall_s']:.0f} s on {common.cpu_name()}",
+  ]
+  common.emit(report, tables, args.json)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
