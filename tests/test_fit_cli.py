@@ -247,10 +247,10 @@ def test_kill_9_during_saves_then_resume_equals_uninterrupted(tmp_path, whole):
         proc.kill()
         break
       time.sleep(0.002)
-    proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
       break  # the run finished before a save could be caught: still a valid outcome
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, (attempt, err[-2000:])
   if not (out / "run.json").exists() or any(
     p["status"] != "done" for p in json.loads((out / "run.json").read_text())["prompts"]
   ):
