@@ -70,16 +70,7 @@ def breakdown(cfg, shared: dict, num_prompts: int, repeats: int = 3) -> dict:
   grad = sds_step.SdsGradient(cfg, thead, parts, shared["torch_compile"])
   dev = parts.device
   to_t = lambda x: torch.from_numpy(np.array(x)).to(dev)
-  cameras = torch_raster.Cameras(
-    world_to_view=to_t(views.camera.world_to_view),
-    focal=to_t(views.camera.focal),
-    eye=to_t(views.camera.eye),
-  )
-  lights = torch_raster.Lights(
-    direction=to_t(views.light.direction),
-    ambient=to_t(views.light.ambient),
-    diffuse=to_t(views.light.diffuse),
-  )
+  cameras, lights = torch_raster.cameras_and_lights(views.camera, views.light, to_t)
   tw = to_t(weights).requires_grad_(True)
   t_cot_img, t_images = to_t(cot_img), to_t(images).requires_grad_(True)
   t_cot_z = to_t(cot_z).permute(0, 3, 1, 2)

@@ -50,17 +50,10 @@ def to_torch(x) -> "torch.Tensor":
 def torch_inputs(inputs: fit_step.StepInputs) -> sds_step.SdsInputs:
   """The same draws as sdsjax's StepInputs, in the baseline's layout (NCHW noise)."""
   views = inputs.views
+  cameras, lights = torch_raster.cameras_and_lights(views.camera, views.light, to_torch)
   return sds_step.SdsInputs(
-    cameras=torch_raster.Cameras(
-      world_to_view=to_torch(views.camera.world_to_view),
-      focal=to_torch(views.camera.focal),
-      eye=to_torch(views.camera.eye),
-    ),
-    lights=torch_raster.Lights(
-      direction=to_torch(views.light.direction),
-      ambient=to_torch(views.light.ambient),
-      diffuse=to_torch(views.light.diffuse),
-    ),
+    cameras=cameras,
+    lights=lights,
     azimuth=to_torch(views.azimuth),
     elevation=to_torch(views.elevation),
     t=to_torch(inputs.t).long(),

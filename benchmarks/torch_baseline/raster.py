@@ -97,6 +97,22 @@ class Lights:
   diffuse: torch.Tensor
 
 
+def cameras_and_lights(camera, light, to_tensor) -> tuple[Cameras, Lights]:
+  """The baseline's Cameras and Lights from any object with the same fields (sdsjax's
+  camera.Camera and camera.Light, say), each field passed through `to_tensor`."""
+  cameras = Cameras(
+    world_to_view=to_tensor(camera.world_to_view),
+    focal=to_tensor(camera.focal),
+    eye=to_tensor(camera.eye),
+  )
+  lights = Lights(
+    direction=to_tensor(light.direction),
+    ambient=to_tensor(light.ambient),
+    diffuse=to_tensor(light.diffuse),
+  )
+  return cameras, lights
+
+
 def _normalize(v: torch.Tensor, eps: float) -> torch.Tensor:
   return v / torch.sqrt(torch.clamp((v * v).sum(-1, keepdim=True), min=eps))
 
