@@ -27,6 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from sdsjax.field_checks import bounded
+from sdsjax.field_checks import check_fields
+
 Array = jax.Array
 
 VIEW_SUFFIXES = ("front view", "side view", "back view", "overhead view")
@@ -67,22 +70,6 @@ class Light:
   textureless: Array
 
 
-def _check(ok: bool, name: str, value, what: str) -> None:
-  """Library-level validation: a plain ValueError naming the field (the CLI adds the section)."""
-  if not ok:
-    raise ValueError(f"{name}={value!r} is invalid: it must be {what}")
-
-
-def _check_range(name: str, value, lo: float, hi: float, what: str) -> None:
-  ok = (
-    isinstance(value, (tuple, list))
-    and len(value) == 2
-    and all(math.isfinite(v) for v in value)
-    and lo <= value[0] <= value[1] <= hi
-  )
-  _check(ok, name, value, f"[min, max] with {what} and min <= max")
-
-
 @dataclasses.dataclass(frozen=True)
 class CameraRanges:
   """Ranges of random cameras (degrees; distance in units of the head's bounding radius).
@@ -98,24 +85,15 @@ class CameraRanges:
   bounding radius) fills most of the frame without being cropped.
   """
 
-  azimuth_spread: float = 70.0
-  back_view_prob: float = 0.2
-  elevation_range: tuple[float, float] = (-10.0, 45.0)
-  distance_range: tuple[float, float] = (2.6, 3.2)
-  fov_range: tuple[float, float] = (40.0, 45.0)
+  azimuth_spread: float = bounded(70.0, 1e-3, 1e4)
+  back_view_prob: float = bounded(0.2, 0.0, 1.0)
+  elevation_range: tuple[float, ...] = bounded((-10.0, 45.0), -89.0, 89.0)
+  # The eye stays outside the unit bounding sphere (and not absurdly far).
+  distance_range: tuple[float, ...] = bounded((2.6, 3.2), 1.05, 100.0)
+  fov_range: tuple[float, ...] = bounded((40.0, 45.0), 1.0, 170.0)
 
   def __post_init__(self):
-    _check(
-      math.isfinite(self.azimuth_spread) and 0 < self.azimuth_spread <= 1e4,
-      "azimuth_spread",
-      self.azimuth_spread,
-      "in (0, 10000] degrees",
-    )
-    _check(0.0 <= self.back_view_prob <= 1.0, "back_view_prob", self.back_view_prob, "in [0, 1]")
-    _check_range("elevation_range", self.elevation_range, -89.0, 89.0, "values in [-89, 89]")
-    # The eye must stay outside the unit bounding sphere (and not absurdly far).
-    _check_range("distance_range", self.distance_range, 1.05, 100.0, "values in [1.05, 100]")
-    _check_range("fov_range", self.fov_range, 1.0, 170.0, "values in [1, 170] degrees")
+    check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,26 +106,16 @@ class LightSettings:
   0.75 and draws textureless (grey albedo) renders half of the shaded time.
   """
 
-  ambient: float = 0.3
-  diffuse: float = 0.7
-  shading_prob: float = 0.75  # else albedo only (ambient 1, diffuse 0)
-  textureless_prob: float = 0.5  # grey albedo when shaded (texture fits only)
-  position_std: float = 1.0  # std of the light position around the eye
+  ambient: float = bounded(0.3, 0.0, 10.0)
+  diffuse: float = bounded(0.7, 0.0, 10.0)
+  shading_prob: float = bounded(0.75, 0.0, 1.0)  # else albedo only (ambient 1, diffuse 0)
+  textureless_prob: float = bounded(0.5, 0.0, 1.0)  # grey albedo when shaded (texture fits)
+  position_std: float = bounded(1.0, 0.0, 100.0)  # std of the light position around the eye
 
   def __post_init__(self):
-    for name in ("ambient", "diffuse"):
-      value = getattr(self, name)
-      _check(math.isfinite(value) and 0.0 <= value <= 10.0, name, value, "in [0, 10]")
-    _check(self.ambient + self.diffuse > 0, "ambient", self.ambient, "> 0 when diffuse is 0")
-    for name in ("shading_prob", "textureless_prob"):
-      value = getattr(self, name)
-      _check(0.0 <= value <= 1.0, name, value, "in [0, 1]")
-    _check(
-      math.isfinite(self.position_std) and 0.0 <= self.position_std <= 100.0,
-      "position_std",
-      self.position_std,
-      "in [0, 100]",
-    )
+    check_fields(self)
+    if self.ambient + self.diffuse <= 0:
+      raise ValueError("ambient must be > 0 when diffuse is 0 (the renders would be black)")
 
 
 def view_probabilities(ranges: CameraRanges) -> dict[str, float]:

@@ -24,6 +24,8 @@ from pathlib import Path
 from sdsjax import host_memory
 from sdsjax.errors import ConfigError
 from sdsjax.errors import SdsjaxError
+from sdsjax.text_files import check_text
+from sdsjax.text_files import read_text_file
 
 RUN_SPEC = "run_spec.json"
 MAX_PROMPTS_FILE_BYTES = 256 * 2**20
@@ -145,29 +147,7 @@ def parse_args(argv):
 def read_prompts(args) -> list[str]:
   prompts = list(args.prompt)
   if args.prompts_file:
-    path = Path(args.prompts_file)
-    if path.is_dir():
-      raise ConfigError(f"--prompts-file {path} is a folder, not a text file")
-    if path.exists() and not path.is_file():
-      # A FIFO would block and /dev/zero never ends: only regular files are read.
-      raise ConfigError(f"--prompts-file {path} is not a regular file: save the prompts in one")
-    try:
-      if path.stat().st_size > MAX_PROMPTS_FILE_BYTES:
-        raise ConfigError(
-          f"--prompts-file {path} is too large ({path.stat().st_size / 2**20:.0f} MiB, at most "
-          f"{MAX_PROMPTS_FILE_BYTES // 2**20} MiB): split it into several runs"
-        )
-      data = path.read_bytes()
-      text = data.decode("utf-8-sig")
-    except OSError as e:
-      raise ConfigError(f"cannot read --prompts-file {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-      line = data[: e.start].count(b"\n") + 1
-      raise ConfigError(
-        f"--prompts-file {path} is not UTF-8 text (line {line}): save it as UTF-8"
-      ) from None
-    if "\0" in text:
-      raise ConfigError(f"--prompts-file {path} is binary, not a text file of prompts")
+    text = read_text_file(args.prompts_file, "--prompts-file", MAX_PROMPTS_FILE_BYTES)
     prompts += [
       line.strip()
       for line in text.splitlines()
@@ -178,26 +158,8 @@ def read_prompts(args) -> list[str]:
   for i, p in enumerate(prompts, 1):
     if not p.strip():
       raise ConfigError("empty prompt: every --prompt needs some text")
-    check_text(p, f"prompt {i}")
+    check_text(p, f"prompt {i}", MAX_PROMPT_CHARS)
   return [p.strip() for p in prompts]
-
-
-def check_text(text: str, what: str) -> None:
-  """Refuses text no file or tokenizer can hold: NUL, undecodable bytes, megabytes of it."""
-  if "\0" in text:
-    raise ConfigError(f"{what} contains a NUL character: remove it")
-  try:
-    text.encode("utf-8")
-  except UnicodeEncodeError:
-    raise ConfigError(
-      f"{what} is not valid UTF-8 text (a byte sequence your terminal or file could not "
-      "decode): retype it, or set a UTF-8 locale (LANG=C.UTF-8)"
-    ) from None
-  if len(text) > MAX_PROMPT_CHARS:
-    raise ConfigError(
-      f"{what} has {len(text)} characters, more than {MAX_PROMPT_CHARS}; CLIP reads only its "
-      "first 77 tokens: shorten it"
-    )
 
 
 def check_out_dir(out_arg: str | None, resume: bool, overwrite: bool) -> Path:
@@ -241,7 +203,10 @@ def check_out_dir(out_arg: str | None, resume: bool, overwrite: bool) -> Path:
     ) from None
   has_run = (out / "checkpoints").exists() or (out / "run.json").exists()
   if resume and not (out / "checkpoints" / RUN_SPEC).is_file():
-    raise ConfigError(f"--resume: no run to resume in {out} (no checkpoints/{RUN_SPEC})")
+    raise ConfigError(
+      f"--resume: no run to resume in {out} (no checkpoints/{RUN_SPEC}; a run stopped before "
+      "it saved anything): run again without --resume"
+    )
   ours = (out / "checkpoints" / RUN_SPEC).is_file() or (out / "run.json").is_file()
   if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) and not ours:
     # --overwrite would delete it, and a run would mix its checkpoints with the user's.

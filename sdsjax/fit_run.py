@@ -502,6 +502,17 @@ def _read_metrics(path: Path, up_to: int) -> list[str]:
   return lines
 
 
+def create_checkpoints_folder(out: Path, spec: dict) -> None:
+  """--out/checkpoints, made with its run spec inside in one rename: a run killed at any moment
+  leaves either no checkpoints/ or one that names its run (never a folder --resume and
+  --overwrite would both refuse as someone else's)."""
+  staging = out / ".checkpoints.new"
+  shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while making it
+  staging.mkdir()
+  _write_json(staging / RUN_SPEC, spec)
+  os.rename(staging, out / "checkpoints")
+
+
 def remove_previous_run(out: Path) -> None:
   """--overwrite: removes exactly what an earlier run wrote (listed in its run.json)."""
   from sdsjax import gallery
@@ -650,16 +661,13 @@ def fit(
   run_path = out / "run.json"
   if overwrite and is_writer and out.exists():
     remove_previous_run(out)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("sdsjax: out prepared")
   if is_writer:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
     if not resume:
-      _write_json(
-        spec_path,
-        {"prompts": prompts, "config": config_lib.to_dict(cfg), "fingerprint": fingerprint},
-      )
+      spec = {"prompts": prompts, "config": config_lib.to_dict(cfg), "fingerprint": fingerprint}
+      create_checkpoints_folder(out, spec)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("sdsjax: out prepared")
   previous = {}
   if resume and run_path.exists():
     with contextlib.suppress(OSError, ValueError):

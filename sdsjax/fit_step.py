@@ -26,6 +26,7 @@ from flax import struct
 from sdsjax import camera as camera_lib
 from sdsjax import config as config_lib
 from sdsjax import morphable
+from sdsjax import priors
 from sdsjax import sds
 from sdsjax import shading
 from sdsjax.config import FitConfig
@@ -106,13 +107,6 @@ class DenoiserContext:
 def texture_from_logits(logits):
   """The texture in [0, 1] from its unconstrained parameters (Ht, Wt, 3)."""
   return jax.nn.sigmoid(logits)
-
-
-def texture_smoothness(texture):
-  """Mean squared difference between neighbouring texels of (Ht, Wt, 3): a Laplacian prior."""
-  dy = texture[1:] - texture[:-1]
-  dx = texture[:, 1:] - texture[:, :-1]
-  return jnp.mean(dy**2) + jnp.mean(dx**2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,17 +230,6 @@ def nan_if_norm_overflows() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def fold_penalty(verts: jax.Array, faces: jax.Array, rest_normals: jax.Array, cos_min: float):
-  """Mean over faces of relu(cos_min − n·n_rest)²: faces that turn (fold) away from the mean.
-
-  Within the model's plausible range faces turn little, so the penalty is 0 there and does not
-  bias a fit; folds and self-intersections begin as faces that flip.
-  """
-  normals = shading.face_normals(verts, faces)
-  cos = jnp.sum(normals * rest_normals, axis=-1)
-  return jnp.mean(jax.nn.relu(cos_min - cos) ** 2)
-
-
 def make_optimizer(cfg: FitConfig, head: morphable.MorphableModel) -> optax.GradientTransformation:
   """Per group: clip_by_global_norm -> Gaussian prior (L2) -> fold/texture priors -> Adam.
 
@@ -267,10 +250,11 @@ def make_optimizer(cfg: FitConfig, head: morphable.MorphableModel) -> optax.Grad
     total = jnp.zeros((), jnp.float32)
     if cfg.prior.fold > 0:
       verts = head_vertices(cfg, head, params)
-      total += cfg.prior.fold * fold_penalty(verts, head.faces, rest_normals, cfg.prior.fold_cos)
+      fold = priors.fold_penalty(verts, head.faces, rest_normals, cfg.prior.fold_cos)
+      total += cfg.prior.fold * fold
     if "texture_logits" in params and cfg.texture_smoothness > 0:
       texture = texture_from_logits(params["texture_logits"])
-      total += cfg.texture_smoothness * texture_smoothness(texture)
+      total += cfg.texture_smoothness * priors.texture_smoothness(texture)
     return total
 
   clip_and_prior = {

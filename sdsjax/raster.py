@@ -118,7 +118,9 @@ import numpy as np
 from flax import struct
 
 from sdsjax import camera as camera_lib
-from sdsjax.errors import ConfigError
+from sdsjax.field_checks import bounded
+from sdsjax.field_checks import check_fields
+from sdsjax.field_checks import one_of
 
 Array = jax.Array
 
@@ -129,6 +131,7 @@ _NO_OUTLINE_DIST2 = 1e6
 # View depth given to empty slots so that they sort last.
 _EMPTY_DEPTH = 1e6
 BLENDS = ("layered", "softras")
+STATIC = {"pytree_node": False}  # settings are static: a pytree without leaves, hashable
 
 
 @struct.dataclass
@@ -164,41 +167,27 @@ class RasterSettings:
       (SoftRas 1 − Π(1 − D)); see `alpha_from_coverage`.
   """
 
-  image_size: int = struct.field(pytree_node=False, default=128)
-  sigma: float = struct.field(pytree_node=False, default=3e-5)
-  gamma: float = struct.field(pytree_node=False, default=1e-4)
-  eps: float = struct.field(pytree_node=False, default=1e-3)
-  near: float = struct.field(pytree_node=False, default=0.1)
-  far: float = struct.field(pytree_node=False, default=10.0)
-  faces_per_pixel: int = struct.field(pytree_node=False, default=8)
-  bin_size: int = struct.field(pytree_node=False, default=0)
-  max_faces_per_bin: int = struct.field(pytree_node=False, default=0)
+  # Sizes are bounded (and inf excluded, which would turn the soft coverage into NaN).
+  image_size: int = bounded(128, 1, 16384, metadata=STATIC)
+  sigma: float = bounded(3e-5, 1e-12, 1.0, metadata=STATIC)
+  gamma: float = bounded(1e-4, 1e-12, 1e3, metadata=STATIC)
+  eps: float = bounded(1e-3, 0.0, 1.0, metadata=STATIC)
+  near: float = bounded(0.1, 1e-6, 1e3, metadata=STATIC)
+  far: float = bounded(10.0, 1e-6, 1e6, metadata=STATIC)
+  faces_per_pixel: int = bounded(8, 1, 256, metadata=STATIC)
+  bin_size: int = bounded(0, 0, 4096, metadata=STATIC)
+  max_faces_per_bin: int = bounded(0, 0, 1_000_000, metadata=STATIC)
   cull_backfaces: bool = struct.field(pytree_node=False, default=True)
-  tiles_per_chunk: int = struct.field(pytree_node=False, default=0)
-  pixels_per_chunk: int = struct.field(pytree_node=False, default=0)
-  blend: str = struct.field(pytree_node=False, default="layered")
-  depth_tolerance: float = struct.field(pytree_node=False, default=0.03)
-  alpha_rule: str = struct.field(pytree_node=False, default="sum")
+  tiles_per_chunk: int = bounded(0, 0, 1_000_000, metadata=STATIC)
+  pixels_per_chunk: int = bounded(0, 0, 2**24, metadata=STATIC)
+  blend: str = one_of(*BLENDS, metadata=STATIC)
+  depth_tolerance: float = bounded(0.03, 1e-9, 1e3, metadata=STATIC)
+  alpha_rule: str = one_of("sum", "product", metadata=STATIC)
 
   def __post_init__(self):
-    checks = [
-      ("image_size", self.image_size >= 1, "a positive integer"),
-      ("sigma", self.sigma > 0, "positive"),
-      ("gamma", self.gamma > 0, "positive"),
-      ("near", self.near > 0, "positive"),
-      ("far", self.far > self.near, "greater than near"),
-      ("faces_per_pixel", self.faces_per_pixel >= 1, "at least 1"),
-      ("bin_size", self.bin_size >= 0, "0 (auto) or positive"),
-      ("max_faces_per_bin", self.max_faces_per_bin >= 0, "0 (auto) or positive"),
-      ("tiles_per_chunk", self.tiles_per_chunk >= 0, "0 (auto) or positive"),
-      ("pixels_per_chunk", self.pixels_per_chunk >= 0, "0 (auto) or positive"),
-      ("blend", self.blend in BLENDS, '"layered" or "softras"'),
-      ("depth_tolerance", self.depth_tolerance > 0, "positive"),
-      ("alpha_rule", self.alpha_rule in ("sum", "product"), '"sum" or "product"'),
-    ]
-    for name, ok, what in checks:
-      if not ok:
-        raise ConfigError(f"raster.{name}={getattr(self, name)!r} is invalid: it must be {what}.")
+    check_fields(self)
+    if self.far <= self.near:
+      raise ValueError(f"far must be greater than near ({self.near}), got {self.far}")
 
   @property
   def soft_radius(self) -> float:

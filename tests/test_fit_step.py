@@ -16,6 +16,7 @@ from sdsjax import camera as camera_lib
 from sdsjax import config as config_lib
 from sdsjax import fit_step
 from sdsjax import morphable
+from sdsjax import priors
 from sdsjax import shading
 from sdsjax.models.stable_diffusion import load_stable_diffusion
 
@@ -247,9 +248,9 @@ def test_gaussian_prior_pulls_back_without_a_signal():
 def test_fold_penalty_is_zero_near_the_mean_and_grows_with_flips():
   head = morphable.load_model("builtin", 4)
   rest = shading.face_normals(head.mean, head.faces)
-  assert float(fit_step.fold_penalty(head.mean, head.faces, rest, 0.5)) == 0.0
+  assert float(priors.fold_penalty(head.mean, head.faces, rest, 0.5)) == 0.0
   flipped = head.mean.at[:, 2].multiply(-1.0)  # mirror: every face flips
-  assert float(fit_step.fold_penalty(flipped, head.faces, rest, 0.5)) > 0.1
+  assert float(priors.fold_penalty(flipped, head.faces, rest, 0.5)) > 0.1
 
 
 def test_denoiser_sees_the_sampled_view(sd):

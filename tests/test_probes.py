@@ -203,6 +203,19 @@ def test_out_without_a_run_but_with_a_foreign_checkpoints_folder(tmp_path):
   refused(["--resume", "--out", out], out, "no run to resume")
 
 
+def test_killed_while_making_checkpoints_folder(tmp_path):
+  """A kill before checkpoints/ exists leaves only a staging folder: a plain re-run is not
+  refused (it was once refused as "not an sdsjax run's"), --resume says to run again."""
+  out = tmp_path / "out"
+  (out / ".checkpoints.new").mkdir(parents=True)
+  (out / ".checkpoints.new" / ".run_spec.json.x.tmp").write_text("{")  # killed mid-write
+  assert fit.check_out_dir(str(out), resume=False, overwrite=False) == out
+  refused(["--resume", "--out", out], out, "run again without --resume")
+  fit_run.create_checkpoints_folder(out, {"fingerprint": "f"})
+  assert sorted(os.listdir(out)) == ["checkpoints"]
+  assert json.loads((out / "checkpoints" / fit_run.RUN_SPEC).read_text()) == {"fingerprint": "f"}
+
+
 def test_missing_out_and_prompts(tmp_path):
   refused(["--prompt", "a"], tmp_path / "o", "--out is required", give_out=False)
   refused([], tmp_path / "o", "no prompt given")
@@ -257,7 +270,7 @@ def test_prompt_files(tmp_path):
     (tmp_path / "fifo.txt", "not a regular file"),
     ("/dev/zero", "not a regular file"),
     (tmp_path / "huge.txt", "too large"),
-    (tmp_path / "missing.txt", "No such file"),
+    (tmp_path / "missing.txt", "not found"),
   ]
   for path, words in cases:
     refused(["--prompts-file", path], out, words)

@@ -379,7 +379,7 @@ def face_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 
 
 class FoldPrior:
-  """sdsjax's fold-over prior (`fit_step.fold_penalty`): fold · mean over faces of
+  """sdsjax's fold-over prior (`priors.fold_penalty`): fold · mean over faces of
   relu(fold_cos − n·n_rest)², n_rest the mean shape's normals. Its gradient is added to the
   clipped SDS gradient, before Adam."""
 
