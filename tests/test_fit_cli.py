@@ -18,12 +18,10 @@ from sdsjax import fit_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
-# A small, quick run shared by the interruption tests.
-RUN = [
-  "--prompt",
-  "a bald pirate",
-  "--prompt",
-  "a child",
+# A small, quick run shared by the interruption tests. Its options make one compiled program
+# (`steps` and the batch are part of it), shared through the compile cache by every run that
+# uses them, in-process or not (test_two_prompts and tests/test_fit_multihost.py too).
+OPTIONS = [
   "--model",
   "tiny-random",
   "--config",
@@ -33,10 +31,12 @@ RUN = [
   "checkpoint_every=4",
   "num_components=12",
   "preview_resolution=32",
-  # A fixed batch: one compiled program (no automatic sizing), shared through the compile
-  # cache by every run of this list, in-process or not.
-  "prompts_per_device=2",
+  "prompts_per_device=2",  # fixed: no automatic sizing (tests/test_probes.py covers it)
 ]
+RUN = ["--prompt", "a bald pirate", "--prompt", "a child", *OPTIONS]
+# Eight prompts a wave, at the smallest sizes: the program of tests/test_probes.py's FINISHED.
+WAVE_OPTIONS = ["--model", "tiny-random", "--config", TINY, "--steps", "2", "num_components=6"]
+WAVE_OPTIONS += ["preview_resolution=16", "prompts_per_device=8"]
 
 
 def run_cli(*argv):
@@ -69,18 +69,15 @@ def whole(tmp_path_factory):
 
 def test_two_prompts_write_every_output(tmp_path):
   out = tmp_path / "out"
-  argv = ["--prompt", "an old man", "--prompt", "a young woman", "--model", "tiny-random"]
-  # prompts_per_device=2: the program of RUN (from the compile cache); automatic sizing is
-  # covered by tests/test_probes.py.
-  argv += ["num_components=12", "prompts_per_device=2"]
-  assert run_cli(*argv, "--steps", 20, "--out", out, "--config", TINY) == 0
+  argv = ["--prompt", "an old man", "--prompt", "a young woman", *OPTIONS, "evolution_every=5"]
+  assert run_cli(*argv, "--out", out) == 0
   run = json.loads((out / "run.json").read_text())
   assert run["version"] == 2
   assert [p["prompt"] for p in run["prompts"]] == ["an old man", "a young woman"]
   assert [p["slug"] for p in run["prompts"]] == ["an-old-man", "a-young-woman"]
   assert [p["status"] for p in run["prompts"]] == ["done", "done"]
   assert [p["seed"] for p in run["prompts"]] == [0, 1]
-  assert run["config"]["steps"] == 20 and run["timings"]["steps_per_s"] > 0
+  assert run["config"]["steps"] == 24 and run["timings"]["steps_per_s"] > 0
   assert (out / "index.html").is_file()
   for entry in run["prompts"]:
     folder = out / entry["folder"]
@@ -94,9 +91,9 @@ def test_two_prompts_write_every_output(tmp_path):
     turntable = np.asarray(Image.open(folder / "turntable.png").convert("RGB"))
     assert turntable.shape[0] * 2 == turntable.shape[1]  # 2 rows of 4 views
     assert turntable.std() > 5  # not a blank image
-    assert Image.open(folder / "evolution.gif").n_frames == 1 + 20 // 5
+    assert Image.open(folder / "evolution.gif").n_frames == 1 + 24 // 5 + 1  # + the last step
     rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert [r["step"] for r in rows] == list(range(1, 25))
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert all(r["skipped"] == 0 and r["finite"] for r in rows)
     assert (folder / "index.html").is_file()  # the gallery's prompt page
@@ -147,12 +144,12 @@ class Interrupt(Exception):
   pass
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, whole):
-  # Kill the second run at step 13: the last checkpoint is at step 12.
-  real = fit_run.fit_step.make_batched_step
+def dying_at_call(n: int, make_batched_step, on_lower=None):
+  """A `make_batched_step` whose compiled step raises Interrupt at its n-th call (a kill);
+  `on_lower(inputs)` sees each lowering."""
 
-  def dying_batched_step(*a, **k):
-    jitted = real(*a, **k)
+  def make(*a, **k):
+    jitted = make_batched_step(*a, **k)
 
     class Lowered:
       def __init__(self, lowered):
@@ -164,7 +161,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, whole):
 
         def run(*xs):
           calls["n"] += 1
-          if calls["n"] == 13:
+          if calls["n"] == n:
             raise Interrupt
           return compiled(*xs)
 
@@ -172,11 +169,19 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, whole):
 
     class Wrapped:
       def lower(self, *xs):
+        if on_lower:
+          on_lower(xs)
         return Lowered(jitted.lower(*xs))
 
     return Wrapped()
 
-  monkeypatch.setattr(fit_run.fit_step, "make_batched_step", dying_batched_step)
+  return make
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, whole):
+  # Kill the second run at step 13: the last checkpoint is at step 12.
+  real = fit_run.fit_step.make_batched_step
+  monkeypatch.setattr(fit_run.fit_step, "make_batched_step", dying_at_call(13, real))
   with pytest.raises(Interrupt):
     run_cli(*RUN, "--out", tmp_path / "killed")
   monkeypatch.setattr(fit_run.fit_step, "make_batched_step", real)
@@ -263,21 +268,12 @@ def test_waves_one_compilation_and_resume_in_wave_3(tmp_path, monkeypatch):
   """40 prompts, 8 per device: 5 waves through one compiled step; a kill in wave 3 resumes."""
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("".join(f"a head number {i}\n" for i in range(40)))
-  argv = ["--prompts-file", prompts, "--model", "tiny-random", "--config", TINY, "--steps", 3]
-  argv += ["prompts_per_device=8", "num_components=6", "preview_resolution=16", "evolution_every=3"]
-  argv += ["checkpoint_every=2"]
+  # The program of tests/test_probes.py's FINISHED run (from the compile cache).
+  argv = ["--prompts-file", prompts, *WAVE_OPTIONS, "checkpoint_every=1"]
   lowered = []
   real = fit_run.fit_step.make_batched_step
-
-  def counting(*a, **k):
-    jitted = real(*a, **k)
-
-    class Wrapped:
-      def lower(self, *xs):
-        lowered.append(xs[1].shape)
-        return jitted.lower(*xs)
-
-    return Wrapped()
+  # Counts the lowerings (one program for all waves); "dies" at a call no run reaches.
+  counting = dying_at_call(10**9, real, on_lower=lambda xs: lowered.append(xs[1].shape))
 
   monkeypatch.setattr(fit_run.fit_step, "make_batched_step", counting)
   assert run_cli(*argv, "--out", tmp_path / "whole") == 0
@@ -291,32 +287,8 @@ def test_waves_one_compilation_and_resume_in_wave_3(tmp_path, monkeypatch):
     )
   assert (tmp_path / "whole" / "index.html").exists()
 
-  # Killed in wave 3 (after 2 waves × 3 steps and 2 more steps).
-  calls = {"n": 0}
-
-  def dying(*a, **k):
-    jitted = counting(*a, **k)
-
-    class Wrapped:
-      def lower(self, *xs):
-        inner = jitted.lower(*xs)
-
-        class Lowered:
-          def compile(self):
-            compiled = inner.compile()
-
-            def run(*ys):
-              calls["n"] += 1
-              if calls["n"] == 9:
-                raise Interrupt
-              return compiled(*ys)
-
-            return run
-
-        return Lowered()
-
-    return Wrapped()
-
+  # Killed in wave 3 (after 2 waves × 2 steps and 1 more step).
+  dying = dying_at_call(6, real, on_lower=lambda xs: lowered.append(xs[1].shape))
   monkeypatch.setattr(fit_run.fit_step, "make_batched_step", dying)
   with pytest.raises(Interrupt):
     run_cli(*argv, "--out", tmp_path / "killed")
@@ -325,7 +297,7 @@ def test_waves_one_compilation_and_resume_in_wave_3(tmp_path, monkeypatch):
   assert [p["status"] for p in half["prompts"]] == ["done"] * 16 + ["pending"] * 24
   assert run_cli("--out", tmp_path / "killed", "--resume") == 0
   resumed = json.loads((tmp_path / "killed" / "run.json").read_text())
-  assert resumed["resumed_from"] == {"wave": 2, "step": 2}
+  assert resumed["resumed_from"] == {"wave": 2, "step": 1}
   for i in range(40):
     slug = f"a-head-number-{i}"
     np.testing.assert_allclose(
@@ -334,16 +306,15 @@ def test_waves_one_compilation_and_resume_in_wave_3(tmp_path, monkeypatch):
 
 
 def test_a_prompts_result_does_not_depend_on_its_wave_or_position(tmp_path):
-  """Same program (wave size 4), the prompt lands in another wave and slot: same weights."""
+  """Same program (wave size 8), the prompt lands in another wave and slot: same weights."""
   first = tmp_path / "a.txt"
-  first.write_text("p0\np1\np2\np3\np4\n")  # p4 is wave 1, slot 0 (seed 4)
-  argv = ["--model", "tiny-random", "--config", TINY, "--steps", 4, "prompts_per_device=4"]
-  argv += ["num_components=6", "preview_resolution=16"]
+  first.write_text("".join(f"p{i}\n" for i in range(9)))  # p8 is wave 1, slot 0 (seed 8)
+  argv = WAVE_OPTIONS
   assert run_cli("--prompts-file", first, *argv, "--out", tmp_path / "a") == 0
   second = tmp_path / "b.txt"
-  second.write_text("q0\np4\n")  # the same text now in wave 0, slot 1: seed 1, so pin it
-  assert run_cli("--prompts-file", second, *argv, "seed=3", "--out", tmp_path / "b") == 0
-  np.testing.assert_array_equal(weights(tmp_path / "a", "p4"), weights(tmp_path / "b", "p4"))
+  second.write_text("q0\np8\n")  # the same text now in wave 0, slot 1: seed 1, so pin it
+  assert run_cli("--prompts-file", second, *argv, "seed=7", "--out", tmp_path / "b") == 0
+  np.testing.assert_array_equal(weights(tmp_path / "a", "p8"), weights(tmp_path / "b", "p8"))
 
 
 def test_slugs_are_unique_for_any_prompt_list():
