@@ -35,7 +35,7 @@ import numpy as np
 from sdsjax import export
 from sdsjax.errors import SdsjaxError
 
-GALLERY_VERSION = 1  # bump when the page layout changes: every page is rebuilt
+GALLERY_VERSION = 3  # bump when the page layout changes: every page is rebuilt
 PAGE_NAME = "index.html"
 PLOTLY_JS = "plotly.min.js"
 CACHE_NAME = ".gallery.json"
@@ -439,6 +439,9 @@ def _bar_colours(values: np.ndarray) -> list[str]:
   ]
 
 
+_WEIGHTS_ROW_PX = 360
+
+
 def weights_figure(groups: list[tuple[str, np.ndarray, list[str]]]):
   """Bar charts of final weights, one row per (title, values (K,), names) group, against
   bands at ±1σ and ±2σ of their N(0, 1) prior."""
@@ -446,7 +449,12 @@ def weights_figure(groups: list[tuple[str, np.ndarray, list[str]]]):
   from plotly.subplots import make_subplots
 
   fig = make_subplots(
-    rows=len(groups), cols=1, vertical_spacing=0.25, subplot_titles=[g[0] for g in groups]
+    rows=len(groups),
+    cols=1,
+    # Room between rows for the slanted names (~150 px) and the next row's title, as a
+    # fraction of the plotting height (the figure less its 140 px of margins).
+    vertical_spacing=min(0.9 / len(groups), 190 / (_WEIGHTS_ROW_PX * len(groups) - 140)),
+    subplot_titles=[g[0] for g in groups],
   )
   shapes, notes = [], []
   for row, (title, values, names) in enumerate(groups, start=1):
@@ -488,7 +496,7 @@ def weights_figure(groups: list[tuple[str, np.ndarray, list[str]]]):
     annotations=[*fig.layout.annotations, *notes],
     template="simple_white",
     font=_FONT,
-    height=330 * len(groups),
+    height=_WEIGHTS_ROW_PX * len(groups),
     margin={"l": 60, "r": 40, "t": 40, "b": 100},
     bargap=0.15,
   )
