@@ -628,7 +628,8 @@ def test_overwrite_removes_the_runs_files_and_keeps_the_users(finished, tmp_path
   for path, text in mine.items():
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-  argv = [*BASE, "--steps", "1", "--prompt", "a bald man", "--overwrite", "--out", out]
+  # FINISHED's options: its compiled program, from the compile cache.
+  argv = [*FINISHED, "--prompt", "a bald man", "--overwrite", "--out", out]
   code, err = run_main(argv)
   assert code == 0, err[-3000:]
   for path, text in mine.items():
@@ -639,7 +640,7 @@ def test_overwrite_removes_the_runs_files_and_keeps_the_users(finished, tmp_path
       assert not (out / entry["folder"]).exists(), entry["folder"]
   run = json.loads((out / "run.json").read_text())
   assert [p["folder"] for p in run["prompts"]] == ["a-bald-man"]
-  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "run_spec.json"]
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2", "run_spec.json"]
 
 
 # ----------------------------------------------------------------------------------------------
