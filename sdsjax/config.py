@@ -2,11 +2,10 @@
 
 A config is a `FitConfig`. `load_config(path, overrides)` starts from its defaults, merges a
 YAML file from `configs/`, then `key=value` overrides (dotted keys reach into sections:
-`raster.sigma=1e-5`, `camera.elevation_range=[0,30]`), as threestudio does. Each default lives
-in one place, beside its valid range (`sdsjax.field_checks`): here for the top-level keys, in
-the library's own `CameraRanges`, `LightSettings`, `RasterSettings` and `Priors` for the
-sections. OmegaConf checks keys and types; the fields check ranges. Every failure is one
-`ConfigError` line naming the key.
+`raster.sigma=1e-5`, `camera.elevation_range=[0,30]`), through `sdsjax.structured_config`.
+Each default lives in one place, beside its valid range (`sdsjax.field_checks`): here for the
+top-level keys, in the library's own `CameraRanges`, `LightSettings`, `RasterSettings` and
+`Priors` for the sections. Every failure is one `ConfigError` line naming the key.
 """
 
 from __future__ import annotations
@@ -25,11 +24,10 @@ from sdsjax.errors import ConfigError
 from sdsjax.field_checks import bounded
 from sdsjax.field_checks import check_fields
 from sdsjax.field_checks import one_of
+from sdsjax.structured_config import load_structured
 from sdsjax.text_files import check_text
-from sdsjax.text_files import read_text_file
 
 STEPS = 10_000_000  # upper bound of every step count
-SECTIONS = ("camera", "light", "raster", "prior")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; this bounds what is read
 
 # The raster section is RasterSettings without its per-render image size, so its defaults and
@@ -118,130 +116,12 @@ def to_dict(cfg: FitConfig) -> dict[str, Any]:
   return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def _error_line(e: Exception) -> str:
-  """OmegaConf messages carry a multi-line context block; the first line says it all."""
-  text = str(e).strip().splitlines()
-  return text[0] if text else type(e).__name__
-
-
-def _config_error(e: Exception) -> ConfigError:
-  from omegaconf import errors as oc_errors
-
-  key = getattr(e, "full_key", None) or ""
-  line = _error_line(e)
-  if isinstance(e, (oc_errors.ConfigKeyError, oc_errors.ConfigAttributeError)):
-    return ConfigError(f"unknown config key '{key}'{_suggestion(key)}")
-  return ConfigError(f"bad value for config key '{key}': {line}" if key else line)
-
-
-def _read_yaml(path: str | os.PathLike):
-  from omegaconf import DictConfig
-  from omegaconf import OmegaConf
-
-  text = read_text_file(path, "config file", MAX_CONFIG_BYTES)
-  try:
-    data = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
-  except Exception as e:  # YAML scanner and parser errors of every kind
-    where = getattr(e, "problem_mark", None) or getattr(
-      getattr(e, "__cause__", None), "problem_mark", None
-    )
-    line = f" at line {where.line + 1}" if where else ""
-    if "expansion exceeds" in str(e):  # OmegaConf's guard against alias bombs
-      raise ConfigError(
-        f"config file {path} expands YAML aliases (*name) into too many values{line}: "
-        "write the values out"
-      ) from None
-    raise ConfigError(f"config file {path} is not valid YAML{line}") from None
-  if not isinstance(data, DictConfig):
-    raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-  return data
-
-
-def _field_type(dotted: str):
-  """The declared type of a config key (None when unknown: OmegaConf then reports it)."""
-  import typing
-
-  cls = FitConfig
-  for part in dotted.split("."):
-    if not dataclasses.is_dataclass(cls):
-      return None
-    hints = typing.get_type_hints(cls)
-    if part not in hints:
-      return None
-    cls = hints[part]
-  return cls
-
-
-def _suggestion(key: str) -> str:
-  """' (did you mean 'raster.sigma'?)' for a near-miss key, else '' (OmegaConf's own guess
-  misses transpositions such as 'stpes')."""
-  import difflib
-
-  parent, _, leaf = key.rpartition(".")
-  cls = _field_type(parent) if parent else FitConfig
-  if not dataclasses.is_dataclass(cls):
-    return ""
-  names = [f.name for f in dataclasses.fields(cls)]
-  near = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
-  return f" (did you mean '{parent + '.' if parent else ''}{near[0]}'?)" if near else ""
-
-
-def _override_node(item: str | Mapping[str, Any]):
-  from omegaconf import OmegaConf
-
-  if isinstance(item, Mapping):
-    return OmegaConf.create(dict(item))
-  if not isinstance(item, str) or "=" not in item:
-    raise ConfigError(f"bad override '{item}': expected KEY=VALUE, e.g. guidance_scale=50")
-  key, value = item.split("=", 1)
-  key = key.strip().replace("-", "_")
-  if not key or any(not part for part in key.split(".")):
-    raise ConfigError(f"bad override '{item}': expected KEY=VALUE, e.g. guidance_scale=50")
-  if _field_type(key) is str:
-    # Strings are read as typed, never as YAML: `negative_prompt=1.5` or `=yes` is a prompt.
-    node: Any = value
-    for part in reversed(key.split(".")):
-      node = {part: node}
-    return OmegaConf.create(node)
-  try:
-    return OmegaConf.from_dotlist([f"{key}={value}"])
-  except Exception as e:  # the dotlist grammar's errors
-    raise ConfigError(f"bad override '{item}': {_error_line(e)}") from None
-
-
 def load_config(
   path: str | os.PathLike | None = None,
   overrides: Sequence[str | Mapping[str, Any]] = (),
 ) -> FitConfig:
   """Defaults, then the YAML file at `path`, then each override in order; validated."""
-  from omegaconf import OmegaConf
-  from omegaconf import errors as oc_errors
-
-  merged = OmegaConf.structured(FitConfig)
-  layers = [] if path is None else [_read_yaml(path)]
-  layers += [_override_node(item) for item in overrides]
-  for layer in layers:
-    for section in SECTIONS:
-      if section in layer and not OmegaConf.is_dict(layer[section]):
-        raise ConfigError(
-          f"config key '{section}' is a section: give a mapping, e.g. {section}.KEY=VALUE"
-        )
-  try:
-    for layer in layers:
-      merged = OmegaConf.merge(merged, layer)
-  except oc_errors.OmegaConfBaseException as e:
-    raise _config_error(e) from None
-  # The sections are the library's own dataclasses: their checks raise ValueError naming the
-  # field, which becomes the dotted config key here.
-  for section in SECTIONS:
-    try:
-      OmegaConf.to_object(merged[section])
-    except ValueError as e:
-      raise ConfigError(f"{section}.{e}") from None
-  try:
-    cfg = OmegaConf.to_object(merged)
-  except oc_errors.OmegaConfBaseException as e:
-    raise _config_error(e) from None
+  cfg = load_structured(FitConfig, path, overrides, MAX_CONFIG_BYTES)
   validate(cfg)
   return cfg
 

@@ -24,10 +24,12 @@ from pathlib import Path
 from sdsjax import host_memory
 from sdsjax.errors import ConfigError
 from sdsjax.errors import SdsjaxError
+from sdsjax.run_folder import CHECKPOINTS
+from sdsjax.run_folder import RUN_JSON
+from sdsjax.run_folder import RUN_SPEC
 from sdsjax.text_files import check_text
 from sdsjax.text_files import read_text_file
 
-RUN_SPEC = "run_spec.json"
 MAX_PROMPTS_FILE_BYTES = 256 * 2**20
 MAX_PROMPT_CHARS = 100_000  # CLIP keeps 77 tokens; far longer text only costs tokenizer time
 
@@ -201,14 +203,14 @@ def check_out_dir(out_arg: str | None, resume: bool, overwrite: bool) -> Path:
     raise ConfigError(
       f"--out {out} is not writable (cannot create anything in {probe}: {e.strerror})"
     ) from None
-  has_run = (out / "checkpoints").exists() or (out / "run.json").exists()
-  if resume and not (out / "checkpoints" / RUN_SPEC).is_file():
+  has_run = (out / CHECKPOINTS).exists() or (out / RUN_JSON).exists()
+  if resume and not (out / CHECKPOINTS / RUN_SPEC).is_file():
     raise ConfigError(
-      f"--resume: no run to resume in {out} (no checkpoints/{RUN_SPEC}; a run stopped before "
+      f"--resume: no run to resume in {out} (no {CHECKPOINTS}/{RUN_SPEC}; a run stopped before "
       "it saved anything): run again without --resume"
     )
-  ours = (out / "checkpoints" / RUN_SPEC).is_file() or (out / "run.json").is_file()
-  if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) and not ours:
+  ours = (out / CHECKPOINTS / RUN_SPEC).is_file() or (out / RUN_JSON).is_file()
+  if (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir()) and not ours:
     # --overwrite would delete it, and a run would mix its checkpoints with the user's.
     raise ConfigError(
       f"--out {out} holds a checkpoints/ folder that is not an sdsjax run's: choose another "
@@ -223,7 +225,7 @@ def check_out_dir(out_arg: str | None, resume: bool, overwrite: bool) -> Path:
 
 
 def read_run_spec(out: Path) -> dict:
-  path = out / "checkpoints" / RUN_SPEC
+  path = out / CHECKPOINTS / RUN_SPEC
   try:
     spec = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, ValueError) as e:

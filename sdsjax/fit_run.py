@@ -50,10 +50,12 @@ from sdsjax.config import FitConfig
 from sdsjax.errors import CheckpointError
 from sdsjax.errors import ConfigError
 from sdsjax.errors import SdsjaxError
+from sdsjax.run_folder import CHECKPOINTS
+from sdsjax.run_folder import RUN_JSON
+from sdsjax.run_folder import RUN_SPEC
 
 PREVIEW_AZIMUTHS = tuple(float(a) for a in np.arange(8) * 45.0)
 EVOLUTION_VIEW = (25.0, 10.0)  # azimuth, elevation of the evolution GIF's camera
-RUN_SPEC = "run_spec.json"
 RUN_FORMAT = 2
 # Files a prompt folder gets; --overwrite removes exactly these (and the folder if then empty).
 PROMPT_FILES = (
@@ -147,7 +149,7 @@ def embedding_table(sd, prompts: list[str], cfg: FitConfig, warn=None) -> np.nda
 
 def slugify(prompts: list[str]) -> list[str]:
   """Folder names for prompts: lowercase words joined by '-', unique for any list of prompts."""
-  slugs, used = [], {"checkpoints"}  # the run's own folder is no prompt's
+  slugs, used = [], {CHECKPOINTS}  # the run's own folder is no prompt's
   for p in prompts:
     base = re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-")[:60].strip("-") or "prompt"
     slug, n = base, 1
@@ -506,20 +508,20 @@ def create_checkpoints_folder(out: Path, spec: dict) -> None:
   """--out/checkpoints, made with its run spec inside in one rename: a run killed at any moment
   leaves either no checkpoints/ or one that names its run (never a folder --resume and
   --overwrite would both refuse as someone else's)."""
-  staging = out / ".checkpoints.new"
+  staging = out / f".{CHECKPOINTS}.new"
   shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while making it
   staging.mkdir()
   _write_json(staging / RUN_SPEC, spec)
-  os.rename(staging, out / "checkpoints")
+  os.rename(staging, out / CHECKPOINTS)
 
 
 def remove_previous_run(out: Path) -> None:
   """--overwrite: removes exactly what an earlier run wrote (listed in its run.json)."""
   from sdsjax import gallery
 
-  shutil.rmtree(out / "checkpoints", ignore_errors=True)
+  shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
   try:
-    previous = json.loads((out / "run.json").read_text())
+    previous = json.loads((out / RUN_JSON).read_text())
   except (OSError, ValueError):
     previous = {}
   folders = [p.get("folder") for p in previous.get("prompts", []) if isinstance(p, dict)]
@@ -541,7 +543,7 @@ def remove_previous_run(out: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
           path.unlink()
   with contextlib.suppress(FileNotFoundError):
-    (out / "run.json").unlink()
+    (out / RUN_JSON).unlink()
 
 
 def fit(
@@ -579,7 +581,7 @@ def fit(
   for part in ("unet", "vae", "text_encoder"):
     check_finite_params(sd.params[part], f"{sd.folder}/{part}")
   fingerprint = run_fingerprint(prompts, seeds, cfg, head, sd.folder)
-  spec_path = out / "checkpoints" / RUN_SPEC
+  spec_path = out / CHECKPOINTS / RUN_SPEC
   if resume:
     spec = json.loads(spec_path.read_text())
     if spec.get("fingerprint") != fingerprint:
@@ -650,7 +652,7 @@ def fit(
   checkpoints, restored = None, None
   if resume:
     # Read (and refused, for another run's or unreadable checkpoints) before anything is written.
-    checkpoints = Checkpoints(out / "checkpoints", fingerprint)
+    checkpoints = Checkpoints(out / CHECKPOINTS, fingerprint)
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       wave_inputs(waves[0])[0],
@@ -658,7 +660,7 @@ def fit(
     restored = checkpoints.restore_latest(abstract, say)
 
   # Outputs: nothing was written before this line.
-  run_path = out / "run.json"
+  run_path = out / RUN_JSON
   if overwrite and is_writer and out.exists():
     remove_previous_run(out)
   if is_writer:
@@ -715,12 +717,12 @@ def fit(
     write_run_info(extra_info)  # the gallery reads the statuses from run.json
     before = set(os.listdir(out))
     gallery.write_gallery(out)
-    outputs.update(set(os.listdir(out)) - before - {"run.json"})
+    outputs.update(set(os.listdir(out)) - before - {RUN_JSON})
     write_run_info(extra_info)
 
   write_run_info()
   if checkpoints is None:
-    checkpoints = Checkpoints(out / "checkpoints", fingerprint)
+    checkpoints = Checkpoints(out / CHECKPOINTS, fingerprint)
 
   def host(tree):
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

@@ -34,6 +34,7 @@ import numpy as np
 
 from sdsjax import export
 from sdsjax.errors import SdsjaxError
+from sdsjax.run_folder import RUN_JSON
 
 GALLERY_VERSION = 3  # bump when the page layout changes: every page is rebuilt
 PAGE_NAME = "index.html"
@@ -83,7 +84,7 @@ def read_run(out: Path) -> tuple[dict, list[PromptRecord]]:
   Version 2 lists prompts as objects with a status. The older layout (a list of prompt
   strings plus `slugs`) is read too, each prompt "done" when its folder exists.
   """
-  path = out / "run.json"
+  path = out / RUN_JSON
   try:
     run = json.loads(path.read_text(encoding="utf-8"))
   except FileNotFoundError:

@@ -159,3 +159,38 @@ def test_empty_yaml_is_the_defaults(tmp_path):
   empty = tmp_path / "empty.yaml"
   empty.write_text("# nothing\n")
   assert config_lib.load_config(empty) == config_lib.FitConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+  size: int = 2
+
+  def __post_init__(self):
+    if self.size < 1:
+      raise ValueError(f"size must be at least 1, got {self.size}")
+
+
+@dataclasses.dataclass
+class _Schema:
+  name: str = "x"
+  rate: float = 0.5
+  section: _Section = dataclasses.field(default_factory=_Section)
+
+
+def test_structured_loader_knows_no_fit_config(tmp_path):
+  """The loader works on any dataclass schema: sections found from the types, strings kept as
+  typed, a section's own ValueError prefixed with its key, near misses suggested."""
+  from sdsjax.structured_config import load_structured
+
+  path = tmp_path / "c.yaml"
+  path.write_text("rate: 1e-5\nsection:\n  size: 3\n")
+  cfg = load_structured(_Schema, path, ["name=007", "section.size=4"])
+  assert cfg == _Schema(name="007", rate=1e-5, section=_Section(size=4))
+  with pytest.raises(ConfigError, match=r"^section\.size must be at least 1, got 0$"):
+    load_structured(_Schema, None, ["section.size=0"])
+  with pytest.raises(
+    ConfigError, match=r"unknown config key 'section.szie' \(did you mean 'section.size'\?\)"
+  ):
+    load_structured(_Schema, None, ["section.szie=1"])
+  with pytest.raises(ConfigError, match="'section' is a section"):
+    load_structured(_Schema, None, ["section=1"])
