@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     "--compile-cache",
     metavar="DIR",
     help="JAX's persistent compilation cache (default $SDSJAX_CACHE/compile, "
-    "~/.cache/sdsjax/compile): later starts reuse compiled programs",
+    "~/.cache/sdsjax/compile): later starts reuse traced and compiled programs",
   )
   p.add_argument("--no-compile-cache", action="store_true", help="compile afresh every start")
   p.add_argument(
@@ -244,14 +244,15 @@ def read_run_spec(out: Path) -> dict:
   return spec
 
 
-def setup_compile_cache(args) -> None:
+def setup_compile_cache(args) -> Path | None:
   """JAX's persistent compilation cache, so the same program compiles once, not every start.
+  Returns the folder of saved step programs (`sdsjax.program_cache`) inside it, or None.
 
-  The cache key covers the program's HLO (shapes, the head model's constants), the compile
+  JAX's key covers the program's HLO (shapes, the head model's constants), the compile
   options and the JAX/XLA versions, so a changed config or model compiles anew.
   """
   if args.no_compile_cache:
-    return
+    return None
   folder = args.compile_cache or os.path.join(
     os.environ.get("SDSJAX_CACHE") or os.path.expanduser("~/.cache/sdsjax"), "compile"
   )
@@ -260,12 +261,13 @@ def setup_compile_cache(args) -> None:
   except OSError as e:
     if args.compile_cache:
       raise ConfigError(f"--compile-cache {folder} cannot be created ({e.strerror})") from None
-    return  # the default place is not writable: run without a cache
+    return None  # the default place is not writable: run without a cache
   import jax
 
   jax.config.update("jax_compilation_cache_dir", folder)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return Path(folder) / "programs"
 
 
 def init_distributed(args) -> None:
@@ -333,7 +335,7 @@ def run(argv) -> int:
 
   # Before JAX's first computation: see host_memory for why (a third of a CPU step).
   host_memory.keep_freed_memory()
-  setup_compile_cache(args)
+  programs = setup_compile_cache(args)
   if args.distributed or args.coordinator_address:
     init_distributed(args)
   from sdsjax import fit_run
@@ -345,6 +347,7 @@ def run(argv) -> int:
     resume=args.resume,
     overwrite=args.overwrite,
     progress=not args.no_progress,
+    program_cache=programs,
   )
 
 

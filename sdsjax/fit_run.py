@@ -46,6 +46,7 @@ from sdsjax import config as config_lib
 from sdsjax import export
 from sdsjax import fit_step
 from sdsjax import morphable
+from sdsjax import program_cache as program_cache_lib
 from sdsjax.config import FitConfig
 from sdsjax.errors import CheckpointError
 from sdsjax.errors import ConfigError
@@ -318,6 +319,17 @@ def run_fingerprint(prompts, seeds, cfg: FitConfig, head, model_folder) -> str:
   return digest.hexdigest()
 
 
+def model_configs(folder) -> dict:
+  """The model folder's JSON files (its configs), by relative path: what a step built from the
+  model depends on besides its weights."""
+  folder = Path(folder)
+  return {
+    str(p.relative_to(folder)): p.read_text(encoding="utf-8", errors="replace")
+    for p in sorted(folder.rglob("*.json"))
+    if p.is_file() and p.stat().st_size < 1 << 20
+  }
+
+
 def checkpoint_id(wave: int, step: int, steps: int) -> int:
   """A checkpoint's orbax step id: increasing over (wave, step), with step in 1..steps."""
   return wave * steps + step
@@ -554,6 +566,7 @@ def fit(
   overwrite: bool = False,
   progress: bool = True,
   log=None,
+  program_cache: Path | None = None,
 ) -> int:
   from jax.experimental import multihost_utils
 
@@ -614,6 +627,12 @@ def fit(
     fit_step.make_fit_step(cfg, head, sd.encode_image, sd.predict_noise), mesh
   )
   init = fit_step.init_state(cfg, head)
+  # What the step's trace depends on besides its arguments' shapes (the seed enters as keys).
+  program_identity = {
+    "config": {**config_lib.to_dict(cfg), "seed": None},
+    "head": program_cache_lib.array_digest(head),
+    "model": model_configs(sd.folder),
+  }
 
   def wave_inputs(indices):
     keys = global_array(np.asarray(fit_step.prompt_keys([seeds[i] for i in indices])), split)
@@ -624,7 +643,8 @@ def fit(
 
   def compile_at(per_device: int):
     state, keys, emb = wave_inputs([0] * (per_device * mesh.size))
-    return step_fn.lower(state, keys, emb, frozen).compile()
+    args = (state, keys, emb, frozen)
+    return program_cache_lib.compile_step(step_fn, args, program_identity, program_cache)
 
   def run_at(per_device: int, program) -> int:
     """One step on scratch inputs; the process's peak resident bytes after it."""

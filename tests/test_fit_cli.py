@@ -144,47 +144,35 @@ class Interrupt(Exception):
   pass
 
 
-def dying_at_call(n: int, make_batched_step, on_lower=None):
-  """A `make_batched_step` whose compiled step raises Interrupt at its n-th call (a kill);
-  `on_lower(inputs)` sees each lowering."""
+def dying_at_call(n: int, compile_step, on_compile=None):
+  """A `program_cache.compile_step` whose program raises Interrupt at its n-th call (a kill);
+  `on_compile(args)` sees each compilation. It wraps the program the run really uses (saved or
+  traced), so the killed run shares its compiled program with the others."""
 
-  def make(*a, **k):
-    jitted = make_batched_step(*a, **k)
+  def compile(step_fn, args, *rest):
+    if on_compile:
+      on_compile(args)
+    program = compile_step(step_fn, args, *rest)
+    calls = {"n": 0}
 
-    class Lowered:
-      def __init__(self, lowered):
-        self.lowered = lowered
+    def run(*xs):
+      calls["n"] += 1
+      if calls["n"] == n:
+        raise Interrupt
+      return program(*xs)
 
-      def compile(self):
-        compiled = self.lowered.compile()
-        calls = {"n": 0}
+    return run
 
-        def run(*xs):
-          calls["n"] += 1
-          if calls["n"] == n:
-            raise Interrupt
-          return compiled(*xs)
-
-        return run
-
-    class Wrapped:
-      def lower(self, *xs):
-        if on_lower:
-          on_lower(xs)
-        return Lowered(jitted.lower(*xs))
-
-    return Wrapped()
-
-  return make
+  return compile
 
 
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, whole):
   # Kill the second run at step 13: the last checkpoint is at step 12.
-  real = fit_run.fit_step.make_batched_step
-  monkeypatch.setattr(fit_run.fit_step, "make_batched_step", dying_at_call(13, real))
+  real = fit_run.program_cache_lib.compile_step
+  monkeypatch.setattr(fit_run.program_cache_lib, "compile_step", dying_at_call(13, real))
   with pytest.raises(Interrupt):
     run_cli(*RUN, "--out", tmp_path / "killed")
-  monkeypatch.setattr(fit_run.fit_step, "make_batched_step", real)
+  monkeypatch.setattr(fit_run.program_cache_lib, "compile_step", real)
   run = json.loads((tmp_path / "killed" / "run.json").read_text())
   assert all(p["status"] == "pending" for p in run["prompts"])
   # Without --resume the half-done run is protected.
@@ -271,11 +259,11 @@ def test_waves_one_compilation_and_resume_in_wave_3(tmp_path, monkeypatch):
   # The program of tests/test_probes.py's FINISHED run (from the compile cache).
   argv = ["--prompts-file", prompts, *WAVE_OPTIONS, "checkpoint_every=1"]
   lowered = []
-  real = fit_run.fit_step.make_batched_step
-  # Counts the lowerings (one program for all waves); "dies" at a call no run reaches.
-  counting = dying_at_call(10**9, real, on_lower=lambda xs: lowered.append(xs[1].shape))
+  real = fit_run.program_cache_lib.compile_step
+  # Counts the compilations (one program for all waves); "dies" at a call no run reaches.
+  counting = dying_at_call(10**9, real, on_compile=lambda xs: lowered.append(xs[1].shape))
 
-  monkeypatch.setattr(fit_run.fit_step, "make_batched_step", counting)
+  monkeypatch.setattr(fit_run.program_cache_lib, "compile_step", counting)
   assert run_cli(*argv, "--out", tmp_path / "whole") == 0
   assert len(lowered) == 1 and lowered[0][0] == 8  # one program for all 5 waves
   run = json.loads((tmp_path / "whole" / "run.json").read_text())
@@ -288,11 +276,11 @@ def test_waves_one_compilation_and_resume_in_wave_3(tmp_path, monkeypatch):
   assert (tmp_path / "whole" / "index.html").exists()
 
   # Killed in wave 3 (after 2 waves × 2 steps and 1 more step).
-  dying = dying_at_call(6, real, on_lower=lambda xs: lowered.append(xs[1].shape))
-  monkeypatch.setattr(fit_run.fit_step, "make_batched_step", dying)
+  dying = dying_at_call(6, real, on_compile=lambda xs: lowered.append(xs[1].shape))
+  monkeypatch.setattr(fit_run.program_cache_lib, "compile_step", dying)
   with pytest.raises(Interrupt):
     run_cli(*argv, "--out", tmp_path / "killed")
-  monkeypatch.setattr(fit_run.fit_step, "make_batched_step", counting)
+  monkeypatch.setattr(fit_run.program_cache_lib, "compile_step", counting)
   half = json.loads((tmp_path / "killed" / "run.json").read_text())
   assert [p["status"] for p in half["prompts"]] == ["done"] * 16 + ["pending"] * 24
   assert run_cli("--out", tmp_path / "killed", "--resume") == 0
