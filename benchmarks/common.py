@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sdsjax import host_memory
+
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,13 +213,7 @@ def on_torch_device(device, fn: Callable[[], Any]) -> Any:
 
 def proc_status_kb(field: str) -> int | None:
   """A field of /proc/self/status in kB (VmRSS, VmHWM), or None off Linux."""
-  try:
-    for line in Path("/proc/self/status").read_text().splitlines():
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  except OSError:
-    pass
-  return None
+  return host_memory.process_rss(field) // 1024 or None
 
 
 def peak_rss_mb() -> float:

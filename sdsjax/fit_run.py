@@ -51,6 +51,7 @@ from sdsjax.config import FitConfig
 from sdsjax.errors import CheckpointError
 from sdsjax.errors import ConfigError
 from sdsjax.errors import SdsjaxError
+from sdsjax.host_memory import process_rss
 from sdsjax.run_folder import CHECKPOINTS
 from sdsjax.run_folder import RUN_JSON
 from sdsjax.run_folder import RUN_SPEC
@@ -252,18 +253,6 @@ def auto_prompts_per_device(
     + (f"; estimated peak {peak / 2**30:.2f} GiB" if cpu else "")
   )
   return batch, reason, compiled, estimate
-
-
-def process_rss(field: str = "VmRSS") -> int:
-  """Resident (or, with VmHWM, peak resident) bytes of this process; 0 where unknown."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,3 +70,15 @@ def release_freed_memory() -> None:
   if sys.platform.startswith("linux"):
     with contextlib.suppress(OSError, AttributeError):
       ctypes.CDLL(None).malloc_trim(0)
+
+
+def process_rss(field: str = "VmRSS") -> int:
+  """Resident (or, with VmHWM, peak resident) bytes of this process; 0 where unknown."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 0

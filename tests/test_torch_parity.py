@@ -7,7 +7,6 @@ Settings: configs/tiny.yaml (render 32², SD 64², the tiny-random model written
 both sides from the same diffusers folder).
 """
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,20 +19,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks.torch_baseline import raster as torch_raster  # noqa: E402
+from benchmarks.torch_baseline import sds_step  # noqa: E402
 from sdsjax import config as config_lib  # noqa: E402
 from sdsjax import fit_step  # noqa: E402
 from sdsjax import morphable  # noqa: E402
 from sdsjax.fit_run import embedding_table  # noqa: E402
 from sdsjax.models.stable_diffusion import load_stable_diffusion  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
-
-from benchmarks.torch_baseline import raster as torch_raster  # noqa: E402
-from benchmarks.torch_baseline import sds_step  # noqa: E402
-
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 PROMPT = "a portrait of an old man"
 NUM_VIEWS = 2  # sds_samples: two views per step, so the mean over samples is checked too
 
