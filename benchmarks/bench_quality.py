@@ -12,7 +12,9 @@ default the views come from a bank of 512 drawn once from the fit's own camera a
 distribution, with the teacher's latents precomputed (`--bank 0` renders them every step).
 
 Cases (each one vmapped fit of many prompts, the default config at a CPU-sized resolution):
-- recovery: 16 targets w* ~ N(0, 1) over all 50 components × 2 seeds -> ‖w − w*‖/‖w*‖;
+- recovery: 16 targets w* ~ N(0, 1) over all 50 components × 2 seeds -> ‖w − w*‖/‖w*‖; also
+  the same in vertex space (‖B(w − w*)‖/‖Bw*‖) and within the directions the renders see
+  (`seen_directions`: the latents' Jacobian singular values within 30× of the largest);
 - null: conditional = unconditional (no information) -> RMS of the final weights;
 - expression: identity and expression targets together (builtin head, its expressions);
 - texture: a target UV texture with the shape fixed at w* = 0 -> texture PSNR.
@@ -81,6 +83,40 @@ def used_texels(head, size: int) -> np.ndarray:
   for tri in uv:
     draw.polygon([(x * size, (1.0 - y) * size) for x, y in tri], fill=1)
   return np.asarray(mask, bool)
+
+
+def seen_directions(cfg, head, encode_fn, num_views: int, seen_ratio: float = 30.0):
+  """The identity-weight directions the fit's renders can see: the right singular vectors of
+  the latents' Jacobian at the mean head, stacked over `num_views` views of the fit's own
+  distribution, whose singular value is within `seen_ratio` of the largest.
+
+  Gradient descent on SDS moves along a direction at a rate that grows with its singular value
+  squared, so the weakest directions barely move in a fit's steps. Returns (singular values,
+  (k, K) orthonormal rows spanning the seen directions).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from sdsjax import config as config_lib
+  from sdsjax import fit_step
+
+  settings = config_lib.raster_settings(cfg, cfg.render_resolution)
+  sampler = fit_step.make_sampler(cfg)
+  size = cfg.sd_resolution
+
+  def latents(w, view):
+    rgb, _ = fit_step.render_view(cfg, head, {"weights": w}, view, settings)
+    images = jax.image.resize(rgb[None], (1, size, size, 3), method="bilinear")
+    return encode_fn(None, images).reshape(-1)
+
+  jacobian = jax.jit(jax.jacfwd(latents))
+  zero = jnp.zeros(head.num_components, jnp.float32)
+  rows = []
+  for i in range(num_views):
+    view = jax.tree.map(lambda x: x[0], sampler(jax.random.PRNGKey(1000 + i), 0, 1000).views)
+    rows.append(np.asarray(jacobian(zero, view)))
+  _, sv, vt = np.linalg.svd(np.concatenate(rows), full_matrices=False)
+  return sv, vt[sv > sv[0] / seen_ratio]
 
 
 def run_case(case: str, args, log) -> dict:
@@ -185,6 +221,19 @@ def run_case(case: str, args, log) -> dict:
     median = float(np.median(half))
     row["steps_to_half_error"] = median if math.isfinite(median) else None  # None: never
     row["rms_weight"] = float(np.sqrt(np.mean(w**2)))
+    # The same error as geometry: vertex offsets B·(w − w*) against B·w*.
+    basis = np.asarray(head.basis).reshape(head.num_components, -1)
+    row["vertex_rel_err_median"] = float(
+      np.median(
+        np.linalg.norm((w - w_star) @ basis, axis=1) / np.linalg.norm(w_star @ basis, axis=1)
+      )
+    )
+    if args.spectrum_views and case == "recovery":
+      sv, seen = seen_directions(cfg, head, encode_fn, args.spectrum_views)
+      row["seen_directions"] = int(seen.shape[0])
+      row["jacobian_condition"] = float(sv[0] / sv[-1])
+      rel = np.linalg.norm((w - w_star) @ seen.T, axis=1) / np.linalg.norm(w_star @ seen.T, axis=1)
+      row["seen_rel_err_median"] = float(np.median(rel))
   if case == "expression":
     e, e_star = np.asarray(state.params["expression"]), np.asarray(targets["expression"])[index]
     rel = np.linalg.norm(e - e_star, axis=1) / np.linalg.norm(e_star, axis=1)
@@ -226,6 +275,13 @@ def main(argv=None) -> int:
     default=512,
     help="views drawn once (from the fit's own distribution) with precomputed teacher latents; "
     "0 renders the teacher's means from every sampled view (3× the cost per step)",
+  )
+  parser.add_argument(
+    "--spectrum-views",
+    type=int,
+    default=16,
+    help="views of the latents' Jacobian that find the directions the renders see (recovery "
+    "case; 0: skip): reports their count and the error within them",
   )
   parser.add_argument("--json", help="also write the JSON report here")
   parser.add_argument("--no-progress", dest="progress", action="store_false")
