@@ -109,20 +109,27 @@ def compile_step(step_fn, args: tuple, identity: Any, folder: Path | None):
   flat_args = [jax.tree.leaves(a) for a in args]
   treedefs = [jax.tree.structure(a) for a in args]
   path = Path(folder) / (program_key(identity, args) + SUFFIX)
-  exported = _read(path)
-  if exported is None:
-
-    def flat_step(*flat):
-      state, metrics = step_fn(*(jax.tree.unflatten(d, x) for d, x in zip(treedefs, flat)))
-      return jax.tree.leaves(state), metrics
-
+  saved = _read(path)
+  if saved is not None:
     try:
-      exported = jax.export.export(jax.jit(flat_step, donate_argnums=(0,)))(*flat_args)
-    except Exception:  # e.g. a host callback in the step: it cannot be saved
-      return step_fn.lower(*args).compile()
-    _write(path, exported)
-  compiled = jax.jit(exported.call, donate_argnums=(0,)).lower(*flat_args).compile()
-  return CachedProgram(compiled, treedefs)
+      return CachedProgram(_compile_exported(saved, flat_args), treedefs)
+    except Exception:  # e.g. written by another JAX that read it differently: made again
+      path.unlink(missing_ok=True)
+
+  def flat_step(*flat):
+    state, metrics = step_fn(*(jax.tree.unflatten(d, x) for d, x in zip(treedefs, flat)))
+    return jax.tree.leaves(state), metrics
+
+  try:
+    exported = jax.export.export(jax.jit(flat_step, donate_argnums=(0,)))(*flat_args)
+  except Exception:  # e.g. a host callback in the step: it cannot be saved
+    return step_fn.lower(*args).compile()
+  _write(path, exported)
+  return CachedProgram(_compile_exported(exported, flat_args), treedefs)
+
+
+def _compile_exported(exported, flat_args):
+  return jax.jit(exported.call, donate_argnums=(0,)).lower(*flat_args).compile()
 
 
 def _read(path: Path):

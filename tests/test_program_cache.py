@@ -84,6 +84,17 @@ def test_other_identity_shapes_or_a_damaged_file_are_traced_anew(tmp_path):
   assert run(program, init, x)[1] == run(step.lower(init(), x).compile(), init, x)[1]
   compile_new({"scale": 2.0}, x)  # the damaged file was replaced by a good one
   assert len(traces) == 4
+  # A readable program that does not fit the arguments (here: another shape's) is made again.
+  path = tmp_path / (
+    program_cache.program_key({"scale": 2.0}, (make_step(2.0, [])[1](), x)) + program_cache.SUFFIX
+  )
+  other_step, other_init = make_step(2.0, [])
+  program_cache.compile_step(other_step, (other_init(), jnp.ones(7)), {"other": 1}, tmp_path)
+  newest = max(tmp_path.glob("*" + program_cache.SUFFIX), key=lambda q: q.stat().st_mtime)
+  path.write_bytes(newest.read_bytes())
+  program, step, init = compile_new({"scale": 2.0}, x)
+  assert len(traces) == 5
+  assert run(program, init, x)[1] == run(step.lower(init(), x).compile(), init, x)[1]
 
 
 def test_no_folder_or_a_wrapped_step_compiles_plainly(tmp_path):
