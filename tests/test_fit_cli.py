@@ -253,9 +253,9 @@ def test_kill_9_during_saves_then_resume_equals_uninterrupted(tmp_path, whole):
 
 
 def test_waves_one_compilation_and_resume_in_wave_3(tmp_path, monkeypatch):
-  """40 prompts, 8 per device: 5 waves through one compiled step; a kill in wave 3 resumes."""
+  """24 prompts, 8 per device: 3 waves through one compiled step; a kill in wave 3 resumes."""
   prompts = tmp_path / "prompts.txt"
-  prompts.write_text("".join(f"a head number {i}\n" for i in range(40)))
+  prompts.write_text("".join(f"a head number {i}\n" for i in range(24)))
   # The program of tests/test_probes.py's FINISHED run (from the compile cache).
   argv = ["--prompts-file", prompts, *WAVE_OPTIONS, "checkpoint_every=1"]
   lowered = []
@@ -265,10 +265,10 @@ def test_waves_one_compilation_and_resume_in_wave_3(tmp_path, monkeypatch):
 
   monkeypatch.setattr(fit_run.program_cache_lib, "compile_step", counting)
   assert run_cli(*argv, "--out", tmp_path / "whole") == 0
-  assert len(lowered) == 1 and lowered[0][0] == 8  # one program for all 5 waves
+  assert len(lowered) == 1 and lowered[0][0] == 8  # one program for all 3 waves
   run = json.loads((tmp_path / "whole" / "run.json").read_text())
-  assert run["waves"] == 5 and run["prompts_per_device"] == 8
-  assert [p["wave"] for p in run["prompts"]] == [i // 8 for i in range(40)]
+  assert run["waves"] == 3 and run["prompts_per_device"] == 8
+  assert [p["wave"] for p in run["prompts"]] == [i // 8 for i in range(24)]
   for entry in run["prompts"]:
     assert (
       entry["status"] == "done" and (tmp_path / "whole" / entry["folder"] / "head.glb").exists()
@@ -282,11 +282,11 @@ def test_waves_one_compilation_and_resume_in_wave_3(tmp_path, monkeypatch):
     run_cli(*argv, "--out", tmp_path / "killed")
   monkeypatch.setattr(fit_run.program_cache_lib, "compile_step", counting)
   half = json.loads((tmp_path / "killed" / "run.json").read_text())
-  assert [p["status"] for p in half["prompts"]] == ["done"] * 16 + ["pending"] * 24
+  assert [p["status"] for p in half["prompts"]] == ["done"] * 16 + ["pending"] * 8
   assert run_cli("--out", tmp_path / "killed", "--resume") == 0
   resumed = json.loads((tmp_path / "killed" / "run.json").read_text())
   assert resumed["resumed_from"] == {"wave": 2, "step": 1}
-  for i in range(40):
+  for i in range(24):
     slug = f"a-head-number-{i}"
     np.testing.assert_allclose(
       weights(tmp_path / "killed", slug), weights(tmp_path / "whole", slug), rtol=1e-5, atol=1e-6
