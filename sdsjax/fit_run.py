@@ -616,12 +616,15 @@ def fit(
     fit_step.make_fit_step(cfg, head, sd.encode_image, sd.predict_noise), mesh
   )
   init = fit_step.init_state(cfg, head)
-  # What the step's trace depends on besides its arguments' shapes (the seed enters as keys).
-  program_identity = {
-    "config": {**config_lib.to_dict(cfg), "seed": None},
-    "head": program_cache_lib.array_digest(head),
-    "model": model_configs(sd.folder),
-  }
+  # What the step's trace depends on besides its arguments' shapes (the seed enters as keys);
+  # hashed only when there is a program cache to look in.
+  program_identity = None
+  if program_cache is not None:
+    program_identity = {
+      "config": {**config_lib.to_dict(cfg), "seed": None},
+      "head": program_cache_lib.array_digest(head),
+      "model": model_configs(sd.folder),
+    }
 
   def wave_inputs(indices):
     keys = global_array(np.asarray(fit_step.prompt_keys([seeds[i] for i in indices])), split)
