@@ -7,14 +7,18 @@
 No SD weights reach this machine, so the denoiser is a teacher (sdsjax.teachers): both CFG
 branches are exact Gaussian denoisers in latent space, seen from the sampled view; the
 conditional one sits around a target head w*, the unconditional one around the mean head with
-the spread of random heads. At guidance 100 this has the shape and the noise of real SDS. By
+std 1 (SD's latents are unit-variance: `--uncond-std 0` gives the spread of random heads
+instead). At guidance 100 this has the shape and the noise of real SDS, including where it
+settles: ē past w* (`teacher_overshoot`, `sdsjax.teachers.guided_overshoot`). By
 default the views come from a bank of 512 drawn once from the fit's own camera and light
 distribution, with the teacher's latents precomputed (`--bank 0` renders them every step).
 
 Cases (each one vmapped fit of many prompts, the default config at a CPU-sized resolution):
 - recovery: 16 targets w* ~ N(0, 1) over all 50 components × 2 seeds -> ‖w − w*‖/‖w*‖; also
   the same in vertex space (‖B(w − w*)‖/‖Bw*‖) and within the directions the renders see
-  (`seen_directions`: the latents' Jacobian singular values within 30× of the largest);
+  (`seen_directions`: the latents' Jacobian singular values within 30× of the largest), and
+  two floors no optimiser beats in a fit's steps: the part of w* outside the seen directions
+  (`unseen_floor_rel_err_median`) and the teacher's own overshoot (`teacher_overshoot`);
 - null: conditional = unconditional (no information) -> RMS of the final weights;
 - expression: identity and expression targets together (builtin head, its expressions);
 - texture: a target UV texture with the shape fixed at w* = 0 -> texture PSNR.
@@ -119,6 +123,17 @@ def seen_directions(cfg, head, encode_fn, num_views: int, seen_ratio: float = 30
   return sv, vt[sv > sv[0] / seen_ratio]
 
 
+def final_t_range(cfg) -> tuple[float, float]:
+  """The t range (as fractions of T) the schedule draws from at the end of the run."""
+  lo, hi = cfg.t_range
+  if cfg.t_schedule == "anneal":
+    return lo, cfg.t_max_end
+  if cfg.t_schedule == "dreamtime":
+    jitter = 0.025 * (hi - lo)
+    return max(lo, cfg.t_max_end - jitter), min(hi, cfg.t_max_end + jitter)
+  return lo, hi
+
+
 def run_case(case: str, args, log) -> dict:
   import jax
   import jax.numpy as jnp
@@ -162,6 +177,7 @@ def run_case(case: str, args, log) -> dict:
   emb = jnp.asarray(teachers.teacher_embeddings(index, conditional=case != "null"))
 
   spread = teachers.latent_spread(cfg, head, encode_fn, jax.random.PRNGKey(1))
+  uncond_std = args.uncond_std or spread
   teacher_params = {"alphas_cumprod": alphas}
   view_sampler = None
   t_bank = time.perf_counter()
@@ -169,11 +185,20 @@ def run_case(case: str, args, log) -> dict:
     bank = teachers.view_bank(cfg, head, encode_fn, targets, jax.random.PRNGKey(2), args.bank)
     teacher_params["bank"] = bank
     view_sampler = teachers.bank_view_sampler(bank)
-    eps_fn = teachers.banked_gaussian_teacher(args.cond_std * spread, spread)
+    eps_fn = teachers.banked_gaussian_teacher(args.cond_std * spread, uncond_std)
   else:
     teacher_params["targets"] = targets
-    eps_fn = teachers.gaussian_teacher(cfg, head, encode_fn, args.cond_std * spread, spread)
+    eps_fn = teachers.gaussian_teacher(cfg, head, encode_fn, args.cond_std * spread, uncond_std)
   bank_s = time.perf_counter() - t_bank
+  # Where the teacher's own answer lies: guided SDS settles ē past w* (linear latents).
+  overshoot = teachers.guided_overshoot(
+    alphas,
+    cfg.guidance_scale,
+    args.cond_std * spread,
+    uncond_std,
+    final_t_range(cfg),
+    cfg.weighting,
+  )
   frozen = fit_step.Frozen(vae_params=None, unet_params=teacher_params, alphas_cumprod=alphas)
   step = fit_step.make_batched_step(
     fit_step.make_fit_step(cfg, head, encode_fn, eps_fn, view_sampler=view_sampler),
@@ -202,6 +227,8 @@ def run_case(case: str, args, log) -> dict:
     "prompts": num_prompts,
     "steps": cfg.steps,
     "latent_spread": spread,
+    "uncond_std": uncond_std,
+    "teacher_overshoot": overshoot,
     "compile_s": compile_s,
     "bank_s": bank_s,
     "wall_s": wall,
@@ -234,6 +261,10 @@ def run_case(case: str, args, log) -> dict:
       row["jacobian_condition"] = float(sv[0] / sv[-1])
       rel = np.linalg.norm((w - w_star) @ seen.T, axis=1) / np.linalg.norm(w_star @ seen.T, axis=1)
       row["seen_rel_err_median"] = float(np.median(rel))
+      # A fit that found every seen direction exactly and left the rest at the prior's 0.
+      unseen = w_star - (w_star @ seen.T) @ seen
+      floor = np.linalg.norm(unseen, axis=1) / np.linalg.norm(w_star, axis=1)
+      row["unseen_floor_rel_err_median"] = float(np.median(floor))
   if case == "expression":
     e, e_star = np.asarray(state.params["expression"]), np.asarray(targets["expression"])[index]
     rel = np.linalg.norm(e - e_star, axis=1) / np.linalg.norm(e_star, axis=1)
@@ -268,6 +299,12 @@ def main(argv=None) -> int:
   parser.add_argument("--targets", type=int, default=0, help="targets per case (0: the default)")
   parser.add_argument("--seeds", type=int, default=2, help="seeds per target")
   parser.add_argument("--cond-std", type=float, default=0.1, help="× the spread of random heads")
+  parser.add_argument(
+    "--uncond-std",
+    type=float,
+    default=1.0,
+    help="std of the unconditional branch in latent units (0: the spread of random heads)",
+  )
   parser.add_argument("--encoder", choices=("linear-rgb", "tiny-vae"), default="linear-rgb")
   parser.add_argument(
     "--bank",
@@ -315,7 +352,8 @@ def main(argv=None) -> int:
     result = ", ".join(
       f"{k} {common.fmt(v)}"
       for k, v in row.items()
-      if k.endswith(("_median", "_p90", "rms_weight", "_db", "half_error")) or k == "error"
+      if k.endswith(("_median", "_p90", "rms_weight", "_db", "half_error", "overshoot"))
+      or k == "error"
     )
     table_rows.append(
       [row["case"], row.get("prompts"), row.get("steps"), common.fmt(row.get("wall_s")), result]
