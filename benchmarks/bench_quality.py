@@ -123,23 +123,13 @@ def seen_directions(cfg, head, encode_fn, num_views: int, seen_ratio: float = 30
   return sv, vt[sv > sv[0] / seen_ratio]
 
 
-def final_t_range(cfg) -> tuple[float, float]:
-  """The t range (as fractions of T) the schedule draws from at the end of the run."""
-  lo, hi = cfg.t_range
-  if cfg.t_schedule == "anneal":
-    return lo, cfg.t_max_end
-  if cfg.t_schedule == "dreamtime":
-    jitter = 0.025 * (hi - lo)
-    return max(lo, cfg.t_max_end - jitter), min(hi, cfg.t_max_end + jitter)
-  return lo, hi
-
-
 def run_case(case: str, args, log) -> dict:
   import jax
   import jax.numpy as jnp
 
   from sdsjax import fit_step
   from sdsjax import morphable
+  from sdsjax import sds
   from sdsjax import teachers
   from sdsjax.models import stable_diffusion
   from sdsjax.models import tiny_random
@@ -199,7 +189,7 @@ def run_case(case: str, args, log) -> dict:
       cfg.guidance_scale,
       args.cond_std * spread,
       uncond_std,
-      final_t_range(cfg),
+      sds.final_t_range(cfg.t_range, cfg.t_max_end, cfg.t_schedule),
       cfg.weighting,
     )
   frozen = fit_step.Frozen(vae_params=None, unet_params=teacher_params, alphas_cumprod=alphas)

@@ -31,10 +31,19 @@ def annealed_t_max(step, total_steps: int, t_max: float, t_max_end: float):
   return t_max + (t_max_end - t_max) * frac
 
 
+# DreamTime's ± jitter around its monotone t(step), as a fraction of [t_min, t_max].
+DREAMTIME_JITTER = 0.025
+
+
+def timestep_bounds(t_min, t_max, num_train_timesteps: int):
+  """[lo, hi) of the integers `sample_timesteps` draws for U(t_min, t_max)·T (before clipping
+  to T − 1)."""
+  return jnp.floor(t_min * num_train_timesteps), jnp.ceil(t_max * num_train_timesteps)
+
+
 def sample_timesteps(key, shape, t_min, t_max, num_train_timesteps: int) -> jax.Array:
   """Integer timesteps t ~ U(t_min, t_max)·T, as int32 of `shape`."""
-  lo = jnp.floor(t_min * num_train_timesteps)
-  hi = jnp.ceil(t_max * num_train_timesteps)
+  lo, hi = timestep_bounds(t_min, t_max, num_train_timesteps)
   t = jax.random.uniform(key, shape, minval=lo, maxval=hi)
   return jnp.clip(t.astype(jnp.int32), 0, num_train_timesteps - 1)
 
@@ -67,10 +76,22 @@ def schedule_timesteps(
   if schedule == "dreamtime":
     frac = jnp.clip(step / max(total_steps - 1, 1), 0.0, 1.0)
     centre = t_max - (t_max - t_max_end) * jnp.sqrt(frac)
-    jitter = 0.025 * (t_max - t_min) * jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
+    jitter = DREAMTIME_JITTER * (t_max - t_min)
+    jitter = jitter * jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
     t = jnp.clip(centre + jitter, t_min, t_max) * num_train_timesteps
     return jnp.clip(t.astype(jnp.int32), 0, num_train_timesteps - 1)
   raise ValueError(f"unknown t schedule '{schedule}'")
+
+
+def final_t_range(t_range: tuple[float, float], t_max_end: float, schedule: str):
+  """(t_min, t_max) that `schedule_timesteps` draws from at the last step of a run."""
+  t_min, t_max = t_range
+  if schedule == "anneal":
+    return t_min, t_max_end
+  if schedule == "dreamtime":
+    jitter = DREAMTIME_JITTER * (t_max - t_min)
+    return max(t_min, t_max_end - jitter), min(t_max, t_max_end + jitter)
+  return t_min, t_max
 
 
 def sds_weight(alpha_bar, weighting: str = "sds"):

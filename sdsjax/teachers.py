@@ -140,8 +140,8 @@ def guided_overshoot(
   """
   alphas_cumprod = np.asarray(alphas_cumprod, np.float64)
   num = alphas_cumprod.shape[0]
-  lo, hi = int(np.floor(t_range[0] * num)), min(int(np.ceil(t_range[1] * num)), num)
-  abar = alphas_cumprod[lo:hi]
+  lo, hi = (int(b) for b in sds.timestep_bounds(t_range[0], t_range[1], num))
+  abar = alphas_cumprod[lo : min(hi, num)]
   s = float(guidance_scale)
 
   def a(std):

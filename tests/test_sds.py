@@ -114,3 +114,18 @@ def test_context_reaches_the_denoiser():
     eps_fn, None, z, t, z, emb, emb, jnp.full((1000,), 0.5), 3.0, "uniform", context=context
   )
   np.testing.assert_allclose(np.asarray(residual)[:, 0, 0, 0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("schedule", ["anneal", "dreamtime", "random"])
+def test_final_t_range_bounds_the_last_steps_draws(schedule):
+  t_range, t_max_end, steps = (0.02, 0.98), 0.4, 100
+  t = sds.schedule_timesteps(
+    jax.random.PRNGKey(0), (4096,), steps - 1, steps, t_range, t_max_end, schedule, 1000
+  )
+  lo, hi = sds.timestep_bounds(*sds.final_t_range(t_range, t_max_end, schedule), 1000)
+  t = np.asarray(t)
+  # `<= hi`, not `< hi`: the annealed bound is computed in float32 (0.98 + (0.4 − 0.98)·1 =
+  # 0.40000004), whose ceil reaches one integer further.
+  assert lo <= t.min() and t.max() <= hi
+  # The range is tight: the draws reach within 1% of both ends.
+  assert t.min() <= lo + 10 and t.max() >= hi - 10

@@ -37,15 +37,14 @@ def test_gaussian_eps_is_the_posterior_mean_of_the_noise():
 def _mean_sds_gradient(z, alphas, guidance, cond, uncond, t_range, weighting):
   """Σ_t w(t)·E_ε[ε̂ − ε] at clean latent z, every integer t of the range once (exact: ε̂ is
   affine in ε, so the expectation over ε is the value at ε = 0)."""
-  lo, hi = int(np.floor(t_range[0] * 1000)), int(np.ceil(t_range[1] * 1000))
+  lo, hi = (int(b) for b in sds.timestep_bounds(t_range[0], t_range[1], 1000))
   t = jnp.arange(lo, hi, dtype=jnp.int32)
   n = t.shape[0]
-  means = {1.0: cond[0], 0.0: uncond[0]}
 
   def eps_fn(params, z_t, t, emb, context):
-    flag = emb[:, 0, 0]
-    mu = jnp.where(flag > 0.5, means[1.0], means[0.0]).reshape(-1, 1, 1, 1)
-    std = jnp.where(flag > 0.5, cond[1], uncond[1])
+    is_cond = emb[:, 0, 0] > 0.5  # the embeddings are 1 (conditional) or 0 (unconditional)
+    mu = jnp.where(is_cond, cond[0], uncond[0]).reshape(-1, 1, 1, 1)
+    std = jnp.where(is_cond, cond[1], uncond[1])
     return teachers.gaussian_eps(z_t, params[t], mu, std)
 
   grad, _ = sds.sds_gradient(
