@@ -273,6 +273,73 @@ def test_overflow_is_counted_and_nearest_faces_survive():
   assert int(select(roomy)[1]) == 0
 
 
+def _dense_bins(projected, settings, budget):
+  """Reference binning in numpy: every face against every tile (the overlap test of
+  `raster.bin_counts`), entries emitted nearest face first (ties to the lower id), each
+  face's tiles row by row; the first `budget` entries kept, then each tile's first C."""
+  xy = np.asarray(projected.xy, np.float32)
+  z_min = np.asarray(projected.depth, np.float32).min(1)
+  valid = np.asarray(projected.valid)
+  size, tile = settings.image_size, settings.resolved_bin_size()
+  per_side = -(-size // tile)
+  cands = settings.resolved_max_faces_per_bin(xy.shape[0])
+  radius = np.float32(settings.soft_radius)
+  lo, hi = xy.min(1) - radius, xy.max(1) + radius
+  t = np.arange(per_side)
+  span_lo = ((2.0 * (t * tile) + 1.0) / size - 1.0).astype(np.float32)
+  span_hi = ((2.0 * (t * tile + tile - 1) + 1.0) / size - 1.0).astype(np.float32)
+  entries = []
+  for f in np.lexsort((np.arange(len(z_min)), np.where(valid, z_min, np.inf))):
+    if not valid[f]:
+      continue
+    cols = np.nonzero((lo[f, 0] <= span_hi) & (hi[f, 0] >= span_lo))[0]
+    rows = np.nonzero((lo[f, 1] <= -span_lo) & (hi[f, 1] >= -span_hi))[0]
+    entries += [(r * per_side + c, f) for r in rows for c in cols]
+  kept = entries[:budget]
+  lists = [[f for tt, f in kept if tt == i] for i in range(per_side * per_side)]
+  overflow = sum(max(len(x) - cands, 0) for x in lists) + max(len(entries) - budget, 0)
+  return [x[:cands] for x in lists], overflow, len(entries)
+
+
+@pytest.mark.parametrize("budget", [0, 150])
+def test_binning_matches_dense_overlaps(budget, monkeypatch):
+  """Sort-based binning keeps, per tile, exactly the nearest C faces a dense overlap test and
+  top-k would keep: small and tile-spanning faces, off-screen and invalid faces, equal depths;
+  with a small entry budget (0: the default), the farthest faces' entries go first and count
+  as overflow."""
+  rng = np.random.default_rng(7)
+  n = 300
+  centre = rng.uniform(-1.3, 1.3, (n, 1, 2))
+  scale = np.where(rng.random((n, 1, 1)) < 0.1, 0.8, 0.05)  # a tenth span many tiles
+  xy = (centre + scale * rng.normal(size=(n, 3, 2))).astype(np.float32)
+  depth = (1.0 + np.round(rng.uniform(0, 4, (n, 3)), 1)).astype(np.float32)  # many equal
+  valid = rng.random(n) < 0.85
+  projected = raster.ProjectedMesh(
+    xy=jnp.asarray(xy),
+    depth=jnp.asarray(depth),
+    valid=jnp.asarray(valid),
+    outline=jnp.zeros((n, 3), bool),
+  )
+  settings = raster.RasterSettings(
+    image_size=32, bin_size=4, max_faces_per_bin=8, faces_per_pixel=4
+  )
+  if budget:
+    monkeypatch.setattr(raster.RasterSettings, "resolved_bin_entries", lambda self, f: budget)
+  budget = settings.resolved_bin_entries(n)
+  want, want_overflow, total = _dense_bins(projected, settings, budget)
+  ids, ok, overflow, count = jax.jit(lambda p: raster._bin_faces(p, settings))(projected)
+  ids, ok = np.asarray(ids), np.asarray(ok)
+  got = [list(ids[i][ok[i]]) for i in range(len(want))]
+  assert got == want
+  assert np.asarray(count).tolist() == [len(x) for x in want]
+  assert int(overflow) == want_overflow > 0
+  if budget == 150:
+    assert total > 150  # the budget dropped entries, not only C
+  else:
+    assert total <= budget
+    assert total == int(np.sum(raster.bin_counts(projected, settings)))
+
+
 def test_render_head_defaults_and_texture():
   verts, faces, uvs, uv_faces = _head_mesh()
   cam = camera_lib.orbit_camera(0.0, 10.0, 2.9, fov_deg=40.0)
