@@ -374,20 +374,24 @@ def _on_gpu() -> bool:
   return jax.default_backend() not in ("cpu",)
 
 
+def _tile_centre_span(t: Array, settings: RasterSettings) -> tuple[Array, Array]:
+  """NDC span [lo, hi] of the pixel centres of tile column t along x (rows: the same for −y)."""
+  tile = settings.resolved_bin_size()
+  size = settings.image_size
+  return (2.0 * (t * tile) + 1.0) / size - 1.0, (2.0 * (t * tile + tile - 1) + 1.0) / size - 1.0
+
+
 def bin_counts(projected: ProjectedMesh, settings: RasterSettings) -> Array:
   """(nb, nb) int32 number of faces overlapping each tile (diagnostics, no chunking).
 
   Use it to size `max_faces_per_bin`: the selection keeps min(count, C) faces per tile.
   """
   projected = jax.lax.stop_gradient(projected)
-  tile, tiles_per_side, _ = _tile_geometry(settings)
-  size = settings.image_size
+  _, tiles_per_side, _ = _tile_geometry(settings)
   radius = settings.soft_radius
   lo = jnp.min(projected.xy, axis=1) - radius
   hi = jnp.max(projected.xy, axis=1) + radius
-  t = jnp.arange(tiles_per_side)
-  x_lo = (2.0 * (t * tile) + 1.0) / size - 1.0
-  x_hi = (2.0 * (t * tile + tile - 1) + 1.0) / size - 1.0
+  x_lo, x_hi = _tile_centre_span(jnp.arange(tiles_per_side), settings)
   in_x = (lo[None, :, 0] <= x_hi[:, None]) & (hi[None, :, 0] >= x_lo[:, None])  # (nb, F)
   in_y = (lo[None, :, 1] <= -x_lo[:, None]) & (hi[None, :, 1] >= -x_hi[:, None])
   both = in_y[:, None, :] & in_x[None, :, :] & projected.valid[None, None, :]
@@ -462,12 +466,8 @@ def _tile_span(lo: Array, hi: Array, settings: RasterSettings) -> tuple[Array, A
   """
   tile, tiles_per_side, _ = _tile_geometry(settings)
   size = settings.image_size
-
-  def span_lo(t):
-    return (2.0 * (t * tile) + 1.0) / size - 1.0
-
-  def span_hi(t):
-    return (2.0 * (t * tile + tile - 1) + 1.0) / size - 1.0
+  span_lo = lambda t: _tile_centre_span(t, settings)[0]
+  span_hi = lambda t: _tile_centre_span(t, settings)[1]
 
   def estimate(x):  # clipped first so that huge or non-finite NDC values stay in int32 range
     return jnp.clip(jnp.nan_to_num(x), -2.0, tiles_per_side + 1.0).astype(jnp.int32)
@@ -479,6 +479,18 @@ def _tile_span(lo: Array, hi: Array, settings: RasterSettings) -> tuple[Array, A
   last = jnp.where(span_lo(last) > hi, last - 1, last)
   last = jnp.where(span_lo(last + 1) <= hi, last + 1, last)
   return jnp.maximum(first, 0), jnp.minimum(last, tiles_per_side - 1)
+
+
+def _sort_pairs(major: Array, minor: Array, major_bound: int, minor_bound: int):
+  """Sorts int32 (major, minor) pairs by major, then minor; values in [0, bound).
+
+  XLA's CPU sort is ~7× faster on a lone int32 array than with a payload or on floats, so
+  pairs that fit are packed into one int32 key.
+  """
+  if major_bound * minor_bound < 2**31:
+    packed = jnp.sort(major * minor_bound + minor)
+    return packed // minor_bound, packed % minor_bound
+  return jax.lax.sort((major, minor), num_keys=2)
 
 
 def _candidate_levels(cands: int, k: int) -> tuple[int, ...]:
@@ -543,7 +555,8 @@ def _bin_faces(
   spans = valid[order] & (x1 >= x0) & (y1 >= y0)
   entries = jnp.where(spans, width * (y1 - y0 + 1), 0)
   # Running entry counts; float32 is exact below 2^24 and only needs to be beyond the budget.
-  ends = jnp.minimum(jnp.cumsum(entries.astype(jnp.float32)), budget + 1.0).astype(jnp.int32)
+  running = jnp.cumsum(entries.astype(jnp.float32))
+  ends = jnp.minimum(running, budget + 1.0).astype(jnp.int32)
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
   total = ends[-1]
   slot = jnp.arange(budget, dtype=jnp.int32)
@@ -551,13 +564,7 @@ def _bin_faces(
   local = slot - starts[face]
   tile_of = (y0[face] + local // width[face]) * tiles_per_side + x0[face] + local % width[face]
   tile_of = jnp.where(slot < total, tile_of, num_tiles)  # unused slots sort last
-  if (num_tiles + 1) * num_faces < 2**31:
-    # One int32 key (tile, rank): XLA's CPU sort is ~7× faster on a lone int32 array than
-    # with a payload. `face` is non-decreasing in the slot, so the key keeps the rank order.
-    packed = jnp.sort(tile_of * num_faces + face)
-    tile_sorted, face_sorted = packed // num_faces, packed % num_faces
-  else:
-    tile_sorted, face_sorted = jax.lax.sort((tile_of, face), num_keys=1, is_stable=True)
+  tile_sorted, face_sorted = _sort_pairs(tile_of, face, num_tiles + 1, num_faces)
   all_tiles = jnp.arange(num_tiles, dtype=jnp.int32)
   first = jnp.searchsorted(tile_sorted, all_tiles, side="left")
   count = jnp.searchsorted(tile_sorted, all_tiles, side="right") - first
@@ -566,7 +573,7 @@ def _bin_faces(
   at = jnp.minimum(first[:, None] + rank[None], budget - 1)
   cand_ids = jnp.where(cand_ok, order[face_sorted[at]], 0).astype(jnp.int32)
   dropped = jnp.sum(jnp.maximum(count - cands, 0))
-  over_budget = jnp.maximum(jnp.sum(entries.astype(jnp.float32)) - budget, 0.0)
+  over_budget = jnp.maximum(running[-1] - budget, 0.0)
   overflow = dropped + jnp.minimum(over_budget, 2.0**30).astype(jnp.int32)
   return cand_ids, cand_ok, overflow.astype(jnp.int32), jnp.minimum(count, cands)
 
@@ -653,10 +660,7 @@ def _select_faces_single(projected: ProjectedMesh, settings: RasterSettings) -> 
   # Tiles fullest first, so a chunk's tiles hold similar numbers of faces, and each chunk
   # evaluates only as many candidate slots as its fullest tile needs (a static level, picked
   # by lax.switch): most tiles hold far fewer than C faces.
-  if (cands + 1) * num_tiles < 2**31:  # one int32 key, as in `_bin_faces`
-    by_count = jnp.sort((cands - count) * num_tiles + jnp.arange(num_tiles)) % num_tiles
-  else:
-    by_count = jnp.argsort(-count, stable=True).astype(jnp.int32)
+  _, by_count = _sort_pairs(cands - count, jnp.arange(num_tiles), cands + 1, num_tiles)
   # Wrap-around padding repeats the emptiest tile; its duplicate ids are written twice.
   padding = jnp.full((num_chunks * per_chunk - num_tiles,), by_count[-1])
   tile_ids = jnp.concatenate([by_count, padding]).reshape(num_chunks, per_chunk)
