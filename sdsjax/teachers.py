@@ -152,6 +152,59 @@ def guided_overshoot(
   return float(np.sum(weight * (s - 1.0) * a(uncond_std) / k) / np.sum(weight))
 
 
+def residual_coefficients(alphas_cumprod, t, guidance_scale, cond_std, uncond_std):
+  """(signal gain g_t, noise coefficient c_t) of one guided draw at integer steps `t`.
+
+  With ε_b = a_b·(z − μ_b) + β_b·ε, β_b = (1−ᾱ)/(ᾱ·std_b² + 1 − ᾱ), the guided residual is
+  ε̂ − ε = s·a_c·(z − μ_c) − (s−1)·a_u·(z − μ_u) + c_t·ε with c_t = s·β_c − (s−1)·β_u − 1.
+  Only μ_c (the target) is unknown, so a draw observes μ_c with gain g_t = s·a_c through
+  Gaussian noise of std |c_t| per latent element.
+  """
+  abar = np.asarray(alphas_cumprod, np.float64)[np.asarray(t)]
+  s = float(guidance_scale)
+
+  def a(std):
+    return np.sqrt(abar * (1.0 - abar)) / (abar * std**2 + 1.0 - abar)
+
+  def beta(std):
+    return (1.0 - abar) / (abar * std**2 + 1.0 - abar)
+
+  return s * a(cond_std), s * beta(cond_std) - (s - 1.0) * beta(uncond_std) - 1.0
+
+
+def draw_information(alphas_cumprod, t, guidance_scale, cond_std, uncond_std):
+  """Fisher information about the target's latents that one draw at step t carries, per
+  latent element: (g_t / c_t)² (`residual_coefficients`). It grows at both ends of the t range,
+  where the guided residual is nearly free of noise."""
+  gain, noise = residual_coefficients(alphas_cumprod, t, guidance_scale, cond_std, uncond_std)
+  return (gain / np.maximum(np.abs(noise), 1e-12)) ** 2
+
+
+def information_floor(jacobian_gram, mean_draw_information: float, num_draws: int, groups):
+  """The smallest RMS relative error of ANY estimate of w* ~ N(0, I) from a fit's draws.
+
+  For latents linear in the weights (z = z₀ + J·w, the Jacobian at the mean head) the draws
+  are Gaussian observations of J·w*, so the Bayes posterior covariance is (I + F)⁻¹ with
+  F = num_draws · E[information] · E_views[JᵀJ]; by Jensen, the expected F gives a lower bound
+  on the error for random views and t. A fit that follows the SDS gradient uses less than this
+  (it also settles `guided_overshoot` past w*).
+
+  Args:
+    jacobian_gram: (K, K) E_views[JᵀJ] over the fit's view distribution.
+    mean_draw_information: E[`draw_information`] over the fit's t draws.
+    num_draws: steps × sds_samples.
+    groups: {name: (lo, hi)} column ranges of the parameter groups (identity, expression).
+
+  Returns:
+    {name: sqrt(E‖ŵ − w*‖² / K_group)}, the expected relative error over the group, per group.
+  """
+  gram = np.asarray(jacobian_gram, np.float64)
+  fisher = num_draws * float(mean_draw_information) * gram
+  posterior = np.linalg.inv(np.eye(gram.shape[0]) + fisher)
+  diag = np.diag(posterior)
+  return {name: float(np.sqrt(np.mean(diag[lo:hi]))) for name, (lo, hi) in groups.items()}
+
+
 def latent_spread(cfg: FitConfig, head, encode_fn, key, samples: int = 32) -> float:
   """RMS difference between the latents of random heads (w ~ N(0, 1)) and the mean head's."""
   k_w, k_v = jax.random.split(key)
