@@ -76,13 +76,19 @@ class CameraRanges:
 
   The azimuth is face-biased: with probability `1 − back_view_prob` it is drawn from a
   normal around 0° with std `azimuth_spread`, truncated to [−180°, 180°]; otherwise it is
-  uniform on [−180°, 180°), so the back of the head is seen too. With the defaults about
-  44% of the views are front views (|azimuth| < 45°) and about 8.5% are back views
-  (`view_probabilities` gives the exact shares).
+  uniform on [−180°, 180°), so the back of the head is seen too. With the defaults (close-ups
+  below included) about 49% of the views are front views (|azimuth| < 45°) and about 6% are
+  back views (`view_probabilities` gives the exact shares).
 
   The default distance and fov keep the unit bounding sphere at an NDC radius of about
   0.8–1.15 (`focal * r / sqrt(d² − r²)`), so a head (whose half-height is smaller than its
   bounding radius) fills most of the frame without being cropped.
+
+  A share `closeup_prob` of the views are face close-ups, as TADA renders 30% of its steps:
+  the eye is drawn as above but from the front half only (a normal of std `azimuth_spread`
+  truncated to ±90°), it looks at `closeup_target` (the face in the world frame) and the fov is
+  narrowed by `closeup_zoom`. Most identity and expression components act on the face, which a
+  whole-head view shows at a fraction of the image.
   """
 
   azimuth_spread: float = bounded(70.0, 1e-3, 1e4)
@@ -91,9 +97,26 @@ class CameraRanges:
   # The eye stays outside the unit bounding sphere (and not absurdly far).
   distance_range: tuple[float, ...] = bounded((2.6, 3.2), 1.05, 100.0)
   fov_range: tuple[float, ...] = bounded((40.0, 45.0), 1.0, 170.0)
+  closeup_prob: float = bounded(0.3, 0.0, 1.0)
+  # Between the eyes and the chin, in front of the bounding-box centre (the builtin head's face).
+  closeup_target: tuple[float, ...] = (0.0, 0.0, 0.35)
+  closeup_zoom: float = bounded(1.6, 1.0, 100.0)
 
   def __post_init__(self):
     check_fields(self)
+    target = self.closeup_target
+    if not (
+      isinstance(target, (tuple, list))
+      and len(target) == 3
+      and all(_finite_number(x) and abs(x) <= 1.0 for x in target)
+    ):
+      raise ValueError(
+        f"closeup_target must be [x, y, z] inside the unit bounding box, got {target!r}"
+      )
+
+
+def _finite_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +152,13 @@ def view_probabilities(ranges: CameraRanges) -> dict[str, float]:
   front_normal = (normal_cdf(45.0) - normal_cdf(-45.0)) / mass
   back_normal = 2.0 * (normal_cdf(180.0) - normal_cdf(135.0)) / mass
   p = ranges.back_view_prob
+  # Close-ups: the normal truncated to ±90°, so never a back view.
+  front_closeup = (normal_cdf(45.0) - normal_cdf(-45.0)) / (normal_cdf(90.0) - normal_cdf(-90.0))
+  c = ranges.closeup_prob
   return {
-    "front": (1 - p) * front_normal + p * 0.25,
-    "back": (1 - p) * back_normal + p * 0.25,
+    "front": (1 - c) * ((1 - p) * front_normal + p * 0.25) + c * front_closeup,
+    "back": (1 - c) * ((1 - p) * back_normal + p * 0.25),
+    "closeup": c,
   }
 
 
@@ -247,7 +274,17 @@ def sample_camera(key: Array, ranges: CameraRanges = CameraRanges()) -> tuple[Ca
     k_dist, minval=ranges.distance_range[0], maxval=ranges.distance_range[1]
   )
   fov = jax.random.uniform(k_fov, minval=ranges.fov_range[0], maxval=ranges.fov_range[1])
-  return orbit_camera(azimuth, elevation, distance, fov), azimuth, elevation
+  if ranges.closeup_prob <= 0.0:
+    return orbit_camera(azimuth, elevation, distance, fov), azimuth, elevation
+  # Close-ups draw from their own key, so the other views are the draws they were without them.
+  k_close, k_front = jax.random.split(jax.random.fold_in(key, 1))
+  closeup = jax.random.uniform(k_close) < ranges.closeup_prob
+  front = spread * jax.random.truncated_normal(k_front, -90.0 / spread, 90.0 / spread)
+  azimuth = jnp.where(closeup, front, azimuth)
+  eye = orbit_position(azimuth, elevation, distance)
+  target = jnp.where(closeup, jnp.asarray(ranges.closeup_target, eye.dtype), 0.0)
+  fov = jnp.where(closeup, fov / ranges.closeup_zoom, fov)
+  return look_at(eye, target, fov_deg=fov), azimuth, elevation
 
 
 def sample_light(key: Array, camera: Camera, settings: LightSettings = LightSettings()) -> Light:

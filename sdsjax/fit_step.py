@@ -230,8 +230,32 @@ def nan_if_norm_overflows() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def keep_within(lo: float, hi: float) -> optax.GradientTransformation:
+  """Shortens each update so that params + update stays in [lo, hi]: projected Adam, last in
+  a chain."""
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("keep_within needs the params")
+    return jax.tree.map(lambda u, p: jnp.clip(p + u, lo, hi) - p, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def weight_box(cfg: FitConfig, head: morphable.MorphableModel, group: str):
+  """(lo, hi) that a group's weights are kept in: ±prior.bound σ, intersected for expressions
+  with the head's own range (ICT's ARKit blendshapes live in [0, 1]); None: unbounded."""
+  lo, hi = -np.inf, np.inf
+  if group in ("identity", "expression") and cfg.prior.bound > 0:
+    lo, hi = -cfg.prior.bound, cfg.prior.bound
+  if group == "expression" and head.expression_range is not None:
+    lo, hi = max(lo, head.expression_range[0]), min(hi, head.expression_range[1])
+  return None if np.isinf(lo) and np.isinf(hi) else (float(lo), float(hi))
+
+
 def make_optimizer(cfg: FitConfig, head: morphable.MorphableModel) -> optax.GradientTransformation:
-  """Per group: clip_by_global_norm -> Gaussian prior (L2) -> fold/texture priors -> Adam.
+  """Per group: clip_by_global_norm -> Gaussian prior (L2) -> fold/texture priors -> Adam ->
+  the group's box (`weight_box`).
 
   The priors act on the clipped SDS gradient (norm ≤ grad_clip), so their weights do not depend
   on the scale of the SDS signal. Non-finite gradients (or norms) skip the step.
@@ -261,7 +285,12 @@ def make_optimizer(cfg: FitConfig, head: morphable.MorphableModel) -> optax.Grad
     g: optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.add_decayed_weights(prior[g]))
     for g in groups
   }
-  adam = {g: optax.adam(learning_rate(cfg, g), b1=cfg.adam_b1, b2=cfg.adam_b2) for g in groups}
+  adam = {}
+  for g in groups:
+    adam[g] = optax.adam(learning_rate(cfg, g), b1=cfg.adam_b1, b2=cfg.adam_b2)
+    box = weight_box(cfg, head, g)
+    if box is not None:
+      adam[g] = optax.chain(adam[g], keep_within(*box))
   inner = optax.chain(
     optax.partition(clip_and_prior, labels),
     add_gradient_of(shape_and_texture_penalty),
@@ -358,12 +387,13 @@ def make_sampler(cfg: FitConfig, view_sampler=None, latent_channels: int = 4):
   view_sampler = view_sampler or (lambda key, step: sample_view(key, step, cfg))
   n = cfg.sds_samples
   h = cfg.sd_resolution // 8
+  anneal = sds.anneal_steps(cfg.steps, cfg.t_anneal_fraction)
 
   def sample_inputs(key, step, num_timesteps: int) -> StepInputs:
     k_view, k_t, k_noise = jax.random.split(key, 3)
     views = jax.vmap(lambda k: view_sampler(k, step))(jax.random.split(k_view, n))
     t = sds.schedule_timesteps(
-      k_t, (n,), step, cfg.steps, cfg.t_range, cfg.t_max_end, cfg.t_schedule, num_timesteps
+      k_t, (n,), step, anneal, cfg.t_range, cfg.t_max_end, cfg.t_schedule, num_timesteps
     )
     noise = jax.random.normal(k_noise, (n, h, h, latent_channels), jnp.float32)
     return StepInputs(views=views, t=t, noise=noise)
@@ -465,9 +495,6 @@ def make_fit_step(
     # 9. optax; a non-finite gradient (or norm) is skipped and counted instead of applied.
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if head.expression_range is not None and "expression" in params:
-      # Bounded blendshapes (ARKit's [0, 1]): projected Adam keeps them in their box.
-      params["expression"] = jnp.clip(params["expression"], *head.expression_range)
     consecutive, total, finite = bad_steps(opt_state)
     new_state = FitState(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {

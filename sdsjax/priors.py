@@ -23,13 +23,18 @@ class Priors:
   norm is at most `grad_clip`, so λ = 0.1 balances a full-strength push at ‖x‖ = 10·grad_clip.
   `fold` weighs a penalty on faces whose normal turns more than acos(fold_cos) away from the
   mean shape's (creases and self-intersections start as such fold-overs).
+  `bound` keeps identity and expression weights within ±bound σ (projected after each step;
+  0: unbounded): the range a head model is built to stay plausible in, so the weak Gaussian
+  terms shrink what the renders barely see while a strong, steady SDS push (CFG at 100
+  exaggerates) cannot carry a weight into a caricature.
   """
 
-  identity: float = bounded(0.1, 0.0, 1e3)
-  expression: float = bounded(0.1, 0.0, 1e3)
+  identity: float = bounded(0.01, 0.0, 1e3)
+  expression: float = bounded(0.01, 0.0, 1e3)
   pose: float = bounded(1.0, 0.0, 1e3)
   fold: float = bounded(1.0, 0.0, 1e6)
   fold_cos: float = bounded(0.5, -1.0, 1.0)
+  bound: float = bounded(3.0, 0.0, 1e3)
 
   def __post_init__(self):
     check_fields(self)

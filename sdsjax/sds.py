@@ -25,9 +25,16 @@ import jax.numpy as jnp
 EpsFn = Callable[[Any, jax.Array, jax.Array, jax.Array, Any], jax.Array]
 
 
-def annealed_t_max(step, total_steps: int, t_max: float, t_max_end: float):
-  """Max of the t range, annealed linearly from `t_max` to `t_max_end` over the run."""
-  frac = jnp.clip(step / max(total_steps - 1, 1), 0.0, 1.0)
+def anneal_steps(total_steps: int, anneal_fraction: float) -> int:
+  """Steps over which a schedule moves from t_max to t_max_end: the first `anneal_fraction` of
+  the run (at least 1); later steps hold the end."""
+  return max(round(anneal_fraction * total_steps), 1)
+
+
+def annealed_t_max(step, num_anneal_steps: int, t_max: float, t_max_end: float):
+  """Max of the t range, annealed linearly from `t_max` to `t_max_end` over the first
+  `num_anneal_steps` steps, then held."""
+  frac = jnp.clip(step / max(num_anneal_steps - 1, 1), 0.0, 1.0)
   return t_max + (t_max_end - t_max) * frac
 
 
@@ -52,7 +59,7 @@ def schedule_timesteps(
   key,
   shape,
   step,
-  total_steps: int,
+  num_anneal_steps: int,
   t_range: tuple[float, float],
   t_max_end: float,
   schedule: str,
@@ -60,10 +67,12 @@ def schedule_timesteps(
 ) -> jax.Array:
   """Integer timesteps for one step of a run, as int32 of `shape`.
 
+  `num_anneal_steps` (`anneal_steps`) is how long the "anneal" and "dreamtime" schedules take
+  to reach `t_max_end`; they hold it afterwards, so a run can end with many steps at low t.
   - "random": t ~ U(t_min, t_max) (DreamFusion).
   - "anneal": t ~ U(t_min, t_hi) with t_hi falling linearly from t_max to t_max_end
-    (coarse shape first, details later; threestudio's linear max-t annealing).
-  - "dreamtime": a monotone non-increasing t(step) = t_max − (t_max − t_max_end)·√(step/total)
+    (coarse shape first, details later; threestudio's max-t annealing, HumanNorm's 0.8 → 0.2).
+  - "dreamtime": a monotone non-increasing t(step) = t_max − (t_max − t_max_end)·√frac
     (the square-root anneal of HiFA/threestudio, DreamTime's monotone idea), jittered by
     ±2.5% of [t_min, t_max] so that repeated draws differ.
   """
@@ -71,10 +80,10 @@ def schedule_timesteps(
   if schedule == "random":
     return sample_timesteps(key, shape, t_min, t_max, num_train_timesteps)
   if schedule == "anneal":
-    t_hi = annealed_t_max(step, total_steps, t_max, t_max_end)
+    t_hi = annealed_t_max(step, num_anneal_steps, t_max, t_max_end)
     return sample_timesteps(key, shape, t_min, t_hi, num_train_timesteps)
   if schedule == "dreamtime":
-    frac = jnp.clip(step / max(total_steps - 1, 1), 0.0, 1.0)
+    frac = jnp.clip(step / max(num_anneal_steps - 1, 1), 0.0, 1.0)
     centre = t_max - (t_max - t_max_end) * jnp.sqrt(frac)
     jitter = DREAMTIME_JITTER * (t_max - t_min)
     jitter = jitter * jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)

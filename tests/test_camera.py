@@ -1,5 +1,7 @@
 """Tests of sdsjax.camera: projection conventions, random cameras and lights, view prompts."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,6 +100,7 @@ def test_sample_camera_respects_ranges():
     elevation_range=(-10.0, 45.0),
     distance_range=(2.5, 3.0),
     fov_range=(35.0, 45.0),
+    closeup_prob=0.0,
   )
   keys = jax.random.split(jax.random.PRNGKey(0), 2000)
   cams, az, el = jax.jit(jax.vmap(lambda k: camera_lib.sample_camera(k, ranges)))(keys)
@@ -122,10 +125,39 @@ def test_sample_camera_respects_ranges():
   assert want["back"] < want["front"]
 
 
+def test_closeups_look_at_the_face_from_the_front_and_leave_other_views_alone():
+  ranges = camera_lib.CameraRanges(closeup_prob=0.3, closeup_target=(0.0, 0.1, 0.4))
+  plain = dataclasses.replace(ranges, closeup_prob=0.0)
+  keys = jax.random.split(jax.random.PRNGKey(3), 2000)
+  sample = lambda r: jax.jit(jax.vmap(lambda k: camera_lib.sample_camera(k, r)))(keys)
+  cams, az, el = sample(ranges)
+  plain_cams, plain_az, _ = sample(plain)
+  # A close-up's optical axis (−z of its view frame) passes through the target.
+  eye = np.asarray(cams.eye)
+  axis = -np.asarray(cams.world_to_view)[:, 2, :3]
+  to_target = np.array([0.0, 0.1, 0.4]) - eye
+  along = np.sum(axis * to_target, -1, keepdims=True)
+  miss = np.linalg.norm(to_target - along * axis, axis=-1)
+  closeup = miss < 1e-4
+  fov = 2 * np.rad2deg(np.arctan(1.0 / np.asarray(cams.focal)))
+  assert abs(closeup.mean() - 0.3) < 4.5 * np.sqrt(0.3 * 0.7 / len(keys))
+  assert np.all(np.abs(np.asarray(az)[closeup]) <= 90.0)  # never from behind
+  assert np.all(fov[closeup] <= 45.0 / 1.6 + 1e-3) and np.all(fov[~closeup] >= 40.0 - 1e-3)
+  # The others are exactly the draws without close-ups, and they look at the origin.
+  np.testing.assert_array_equal(np.asarray(az)[~closeup], np.asarray(plain_az)[~closeup])
+  np.testing.assert_allclose(eye[~closeup], np.asarray(plain_cams.eye)[~closeup], atol=1e-6)
+  # The elevation returned is still the eye's, so the view prompts stay right.
+  elevation = np.degrees(np.arcsin(eye[:, 1] / np.linalg.norm(eye, axis=-1)))
+  np.testing.assert_allclose(np.asarray(el), elevation, atol=1e-3)
+  want = camera_lib.view_probabilities(ranges)
+  share = np.mean(np.abs(np.asarray(az)) < 45.0)
+  assert abs(share - want["front"]) < 4.5 * np.sqrt(want["front"] * (1 - want["front"]) / 2000)
+
+
 def test_default_view_shares_match_the_docs():
-  """The docstring promises about 44% front and 8.5% back views with the default ranges."""
+  """The docstring promises about 49% front and 6% back views with the default ranges."""
   want = camera_lib.view_probabilities(camera_lib.CameraRanges())
-  assert abs(want["front"] - 0.44) < 0.005 and abs(want["back"] - 0.085) < 0.002, want
+  assert abs(want["front"] - 0.49) < 0.005 and abs(want["back"] - 0.06) < 0.002, want
 
 
 @pytest.mark.parametrize(
@@ -139,6 +171,10 @@ def test_default_view_shares_match_the_docs():
     ("distance_range", (0.0, 3.0)),
     ("distance_range", (2.6, float("inf"))),
     ("fov_range", (0.0, 40.0)),
+    ("closeup_prob", -0.1),
+    ("closeup_zoom", 0.5),
+    ("closeup_target", (0.0, 0.2)),
+    ("closeup_target", (0.0, 0.0, 2.0)),
   ],
 )
 def test_camera_ranges_refuse_bad_values(field, value):

@@ -48,7 +48,9 @@ def test_recovery_with_analytic_denoiser(sd):
   shape: with 10 components the fit reached w* from some step seeds and stalled from others
   (numerics on another CPU flipped it). With the 6 largest components and a clearly visible w*
   (‖w*‖ ≈ 1.25) it converged from each of step seeds 0-3: ‖w − w*‖ 1.25 -> 0.08-0.11 by
-  step 300.
+  step 300. At commit 1eb3319 only step seed 0 (the one used) converges, and 150 steps (the
+  cosine schedule over 150) get as close as 300 did: ‖w − w*‖ 0.12 (300: 0.16), image error
+  /143 (300: /134); seeds 1-3 stall at either length.
   """
   num_components = 6
   cfg = config_lib.load_config(
@@ -56,7 +58,7 @@ def test_recovery_with_analytic_denoiser(sd):
     [
       dict(
         num_components=num_components,
-        steps=300,
+        steps=150,
         lr=0.1,
         lr_schedule="cosine",
         warmup_steps=0,
@@ -150,13 +152,8 @@ def run_separately_and_batched(sd, cfg, num_prompts, steps):
 
 
 def test_four_prompts_batched_equal_four_runs(sd, tmp_path):
-  cfg = config_lib.load_config(TINY, [dict(num_components=12, steps=3)])
-  together, alone = run_separately_and_batched(sd, cfg, 4, 3)
-  assert np.abs(together).max() > 1e-3  # the step moved the weights
-  assert np.abs(together[0] - together[1]).max() > 1e-4  # prompts and seeds differ
-  np.testing.assert_allclose(together, alone, atol=2e-4, rtol=1e-3)
-
-  # The same four prompts sharded over 4 (forced) CPU devices give the same weights.
+  # The same four prompts sharded over 4 (forced) CPU devices give the same weights. The process
+  # starts first: its start and compile overlap the in-process runs where a core is free.
   script = textwrap.dedent(f"""
       import json, sys
       import jax, jax.numpy as jnp, numpy as np
@@ -187,10 +184,23 @@ def test_four_prompts_batched_equal_four_runs(sd, tmp_path):
   """)
   out = tmp_path / "sharded.npy"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  proc = subprocess.run(
-    [sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True, timeout=600
+  proc = subprocess.Popen(
+    [sys.executable, "-c", script, str(out)],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  try:
+    cfg = config_lib.load_config(TINY, [dict(num_components=12, steps=3)])
+    together, alone = run_separately_and_batched(sd, cfg, 4, 3)
+    _, err = proc.communicate(timeout=600)
+  finally:
+    proc.kill()  # no-op once it has exited
+  assert np.abs(together).max() > 1e-3  # the step moved the weights
+  assert np.abs(together[0] - together[1]).max() > 1e-4  # prompts and seeds differ
+  np.testing.assert_allclose(together, alone, atol=2e-4, rtol=1e-3)
+  assert proc.returncode == 0, err[-3000:]
   np.testing.assert_allclose(np.load(out), together, atol=2e-4, rtol=1e-3)
 
 
@@ -230,6 +240,37 @@ def test_overflowing_gradient_norm_is_a_bad_step():
   assert np.abs(np.asarray(updates["weights"])).max() > 0
 
 
+@pytest.mark.parametrize("bound", [0.0, 1.5])
+def test_weights_stay_within_the_prior_bound(bound):
+  """A steady push carries the weights past ±bound σ unless the optimiser projects them back;
+  an ICT-like expression range ([0, 1]) holds inside the bound too."""
+  cfg = config_lib.load_config(
+    TINY,
+    [dict(num_expressions=2, lr=0.5, expression_lr=0.5, prior={"bound": bound, "fold": 0.0})],
+  )
+  head = morphable.load_model("builtin", 4, 2)
+  push = {"weights": jnp.array([-1.0, 1.0, 0.5, 0.0]), "expression": jnp.array([-1.0, -1.0])}
+  for model in (head, head.replace(expression_range=(0.0, 1.0))):
+    opt = fit_step.make_optimizer(cfg, model)
+    params = {"weights": jnp.zeros(4), "expression": jnp.zeros(2)}
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for _ in range(40):
+      updates, state = update(push, state, params)
+      params = optax.apply_updates(params, updates)
+    weights, expression = np.asarray(params["weights"]), np.asarray(params["expression"])
+    if bound:  # pushed to the wall and held there
+      np.testing.assert_allclose(weights, [bound, -bound, -bound, 0.0], rtol=1e-6)
+    else:
+      assert np.abs(weights).max() > 3.0
+    if model.expression_range is not None:
+      np.testing.assert_allclose(expression, 1.0, rtol=1e-6)
+    elif bound:
+      np.testing.assert_allclose(expression, bound, rtol=1e-6)
+    else:
+      assert expression.min() > 3.0
+
+
 def test_gaussian_prior_pulls_back_without_a_signal():
   """With a zero SDS gradient the prior alone walks weights back towards the mean head."""
   cfg = config_lib.load_config(
@@ -239,9 +280,14 @@ def test_gaussian_prior_pulls_back_without_a_signal():
   opt = fit_step.make_optimizer(cfg, head)
   params = {"weights": jnp.array([2.0, -1.5, 1.0, -0.5])}
   state = opt.init(params)
-  for _ in range(200):
+
+  @jax.jit  # one compiled update instead of 200 op-by-op ones
+  def update(params, state):
     updates, state = opt.update({"weights": jnp.zeros(4)}, state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(200):
+    params, state = update(params, state)
   assert np.abs(np.asarray(params["weights"])).max() < 0.2
 
 

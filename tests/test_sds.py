@@ -49,6 +49,23 @@ def test_timesteps_in_range_and_annealed():
   assert float(sds.annealed_t_max(99, 100, 0.98, 0.5)) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("schedule", ["anneal", "dreamtime"])
+def test_schedules_fall_over_the_anneal_steps_then_hold(schedule):
+  steps = 1000
+  num_anneal = sds.anneal_steps(steps, 0.5)
+  assert num_anneal == 500 and sds.anneal_steps(steps, 0.0) == 1
+  draws = lambda step: np.asarray(
+    sds.schedule_timesteps(
+      jax.random.PRNGKey(step), (4000,), step, num_anneal, (0.02, 0.98), 0.2, schedule, 1000
+    )
+  )
+  halfway, end, last = draws(250), draws(499), draws(999)
+  assert halfway.max() > 400  # still falling half-way through the anneal
+  assert end.max() <= 200 + 30 and last.max() <= 200 + 30  # reached the end, and held
+  lo, hi = sds.timestep_bounds(*sds.final_t_range((0.02, 0.98), 0.2, schedule), 1000)
+  assert lo <= last.min() and last.max() <= hi
+
+
 def test_surrogate_loss_gradient_is_the_sds_gradient():
   z = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 4, 4))
   g = jax.random.normal(jax.random.PRNGKey(3), z.shape)

@@ -177,7 +177,8 @@ def test_sds_gradient_parity(setup):
 
 
 def test_optimizer_matches():
-  """clip_grad_norm_ -> Adam(weight_decay) == optax clip -> add_decayed_weights (prior) -> adam."""
+  """clip_grad_norm_ -> Adam(weight_decay) -> clamp == optax clip -> add_decayed_weights (prior)
+  -> adam -> keep_within (the ±prior.bound box)."""
   cfg = config_lib.load_config(
     TINY,
     [
@@ -187,7 +188,7 @@ def test_optimizer_matches():
         steps=12,
         grad_clip=1.0,
         num_components=8,
-        prior={"identity": 0.05, "fold": 0.0},
+        prior={"identity": 0.05, "fold": 0.0, "bound": 0.5},
       )
     ],
   )
@@ -198,6 +199,7 @@ def test_optimizer_matches():
   w = torch.tensor(np.asarray(params["weights"]), requires_grad=True)
   state = opt.init(params)
   torch_opt, schedule = sds_step.make_optimizer(cfg, w)
+  at_bound = 0
   for g in grads:
     updates, state = opt.update({"weights": jnp.asarray(g)}, state, params)
     params = optax.apply_updates(params, updates)
@@ -205,4 +207,7 @@ def test_optimizer_matches():
     torch.nn.utils.clip_grad_norm_([w], cfg.grad_clip)
     torch_opt.step()
     schedule.step()
-  np.testing.assert_allclose(w.detach().numpy(), np.asarray(params["weights"]), atol=1e-5)
+    sds_step.bound_weights(cfg, w)
+    np.testing.assert_allclose(w.detach().numpy(), np.asarray(params["weights"]), atol=1e-5)
+    at_bound += int(np.isclose(np.abs(np.asarray(params["weights"])), 0.5).sum())
+  assert at_bound > 0  # the box was reached

@@ -117,9 +117,12 @@ def _normalize(v: torch.Tensor, eps: float) -> torch.Tensor:
   return v / torch.sqrt(torch.clamp((v * v).sum(-1, keepdim=True), min=eps))
 
 
-def look_at(eye: torch.Tensor, fov_deg: torch.Tensor) -> Cameras:
-  """Cameras at `eye` (B, 3) looking at the origin with +y up (sdsjax.camera.look_at)."""
-  z_axis = _normalize(eye, 1e-12)
+def look_at(
+  eye: torch.Tensor, fov_deg: torch.Tensor, target: torch.Tensor | None = None
+) -> Cameras:
+  """Cameras at `eye` (B, 3) looking at `target` (B, 3; the origin if None) with +y up
+  (sdsjax.camera.look_at)."""
+  z_axis = _normalize(eye if target is None else eye - target, 1e-12)
   up = torch.tensor([0.0, 1.0, 0.0], dtype=eye.dtype, device=eye.device).expand_as(eye)
   x_raw = torch.linalg.cross(up, z_axis)
   # Straight overhead: fall back to ∓z as "up" so the frame stays finite.

@@ -7,7 +7,8 @@ sdsjax loads; the soft rasterizer of `raster.py`; `torch.optim.Adam`. One step p
   render -> F.interpolate (bilinear) to the SD resolution -> VAE encode (posterior mean ×
   scaling_factor) -> noise -> UNet on [uncond, cond] under no_grad -> CFG -> w(t)·(ε̂ − ε)
   -> latents.backward(gradient) -> clip_grad_norm_ -> + the fold prior's gradient -> Adam with
-  the Gaussian prior as L2 (weight_decay = cfg.prior.identity), as sdsjax's optax chain.
+  the Gaussian prior as L2 (weight_decay = cfg.prior.identity) -> the ±prior.bound projection,
+  as sdsjax's optax chain and step.
 
 Two drivers: `LoopBaseline` processes prompts one after another (the article's way) and
 `BatchedBaseline` runs P prompts as one batch (what a strong PyTorch user would do).
@@ -197,7 +198,8 @@ def sample_inputs(
   """DreamFusion-style random views, t and noise with sdsjax's distributions (shape fits).
 
   Azimuth: face-biased truncated normal, uniform with probability back_view_prob; uniform
-  elevation, distance and fov; light from N(eye, I); t ~ U(t_min, annealed t_max)·T.
+  elevation, distance and fov; a share closeup_prob of face close-ups; light from N(eye, I);
+  t ~ U(t_min, annealed t_max)·T.
   """
   n = num_prompts * cfg.sds_samples
   cam = cfg.camera
@@ -217,7 +219,15 @@ def sample_inputs(
   elevation = uniform(*cam.elevation_range)
   distance = uniform(*cam.distance_range)
   fov = uniform(*cam.fov_range)
-  cameras = raster.orbit_cameras(azimuth, elevation, distance, fov)
+  # Face close-ups: from the front half, looking at closeup_target, the fov narrowed.
+  closeup = torch.rand(n, generator=g, device=dev) < cam.closeup_prob
+  front = torch.empty(n, device=dev)
+  torch.nn.init.trunc_normal_(front, 0.0, spread, -90.0, 90.0, generator=g)
+  azimuth = torch.where(closeup, front, azimuth)
+  fov = torch.where(closeup, fov / cam.closeup_zoom, fov)
+  target = torch.tensor(cam.closeup_target, device=dev).expand(n, 3) * closeup[:, None]
+  eye = raster.orbit_cameras(azimuth, elevation, distance, fov).eye
+  cameras = raster.look_at(eye, fov, target)
   position = cameras.eye + cfg.light.position_std * torch.randn(n, 3, generator=g, device=dev)
   direction = position / position.norm(dim=-1, keepdim=True).clamp(min=1e-6)
   lights = raster.Lights(
@@ -237,11 +247,13 @@ def sample_timesteps(
   generator: torch.Generator, cfg, n: int, step: int, num_timesteps: int
 ) -> torch.Tensor:
   """(n,) int64 timesteps by cfg.t_schedule, as `sdsjax.sds.schedule_timesteps` draws them:
-  "random" U(t_min, t_max)·T, "anneal" with t_max falling linearly to t_max_end, "dreamtime" a
-  square-root anneal jittered by ±2.5% of [t_min, t_max]."""
+  "random" U(t_min, t_max)·T, "anneal" with t_max falling linearly to t_max_end over the first
+  t_anneal_fraction of the steps, "dreamtime" a square-root anneal over the same steps jittered
+  by ±2.5% of [t_min, t_max]."""
   g, dev = generator, generator.device
   t_min, t_max = cfg.t_range
-  frac = min(max(step / max(cfg.steps - 1, 1), 0.0), 1.0)
+  anneal_steps = max(round(cfg.t_anneal_fraction * cfg.steps), 1)
+  frac = min(max(step / max(anneal_steps - 1, 1), 0.0), 1.0)
   if cfg.t_schedule == "dreamtime":
     centre = t_max - (t_max - cfg.t_max_end) * math.sqrt(frac)
     jitter = 0.025 * (t_max - t_min) * (2.0 * torch.rand(n, generator=g, device=dev) - 1.0)
@@ -437,11 +449,19 @@ class LoopBaseline:
         w.grad.add_(self.fold.gradient(w))
         opt.step()
         sched.step()
+        bound_weights(self.cfg, w)
       else:
         self.skipped[i] += 1  # a non-finite gradient must not poison Adam's moments
       metrics.append(aux)
     self.step_count += 1
     return metrics
+
+
+def bound_weights(cfg, weights: torch.Tensor) -> None:
+  """Projects the weights into ±cfg.prior.bound σ in place, as sdsjax's step does."""
+  if cfg.prior.bound > 0:
+    with torch.no_grad():
+      weights.clamp_(-cfg.prior.bound, cfg.prior.bound)
 
 
 class BatchedBaseline:
@@ -502,6 +522,7 @@ class BatchedBaseline:
         for k, v in saved.items():
           self.optimizer.state[self.weights][k][bad] = v[bad]
       self.skipped += bad.long()
+    bound_weights(self.cfg, self.weights)
     self.scheduler.step()
     self.step_count += 1
     return aux
