@@ -173,6 +173,7 @@ def run_case(case: str, args, log) -> dict:
 
   cfg = load_cfg(case, args.set)
   head = morphable.load_model(cfg.head, cfg.num_components, cfg.num_expressions)
+  cfg = fit_step.resolve_closeup_target(cfg, head.mean)
   scheduler = {
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,

@@ -55,9 +55,12 @@ class TorchRunner:
   """The PyTorch baseline, prompts looped (`LoopBaseline`) or batched (`BatchedBaseline`)."""
 
   def __init__(self, cfg, num_prompts: int, shared, batched: bool):
+    from sdsjax import fit_step
+
     from .torch_baseline import sds_step
 
     parts, head, compile_render = shared["parts"], shared["torch_head"], shared["torch_compile"]
+    cfg = fit_step.resolve_closeup_target(cfg, head.mean.detach().cpu().numpy())
     emb = sds_step.embedding_table(
       parts, prompts_for(num_prompts), cfg.negative_prompt, cfg.view_prompts
     )

@@ -27,6 +27,7 @@ def breakdown(cfg, shared: dict, num_prompts: int, repeats: int = 3) -> dict:
   from .torch_baseline import sds_step
 
   sd, head, parts = shared["sd"], shared["head"], shared["parts"]
+  cfg = fit_step.resolve_closeup_target(cfg, head.mean)
   n = num_prompts * cfg.sds_samples
   res, size, h = cfg.render_resolution, cfg.sd_resolution, cfg.sd_resolution // 8
   rng = np.random.default_rng(0)

@@ -86,8 +86,9 @@ class CameraRanges:
 
   A share `closeup_prob` of the views are face close-ups, as TADA renders 30% of its steps:
   the eye is drawn as above but from the front half only (a normal of std `azimuth_spread`
-  truncated to ±90°), it looks at `closeup_target` (the face in the world frame) and the fov is
-  narrowed by `closeup_zoom`. Most identity and expression components act on the face, which a
+  truncated to ±90°), it looks at `closeup_target` (the face in the world frame; empty until
+  `sdsjax.fit_step.resolve_closeup_target` fills it from the head model) and the fov is narrowed by
+  `closeup_zoom`. Most identity and expression components act on the face, which a
   whole-head view shows at a fraction of the image.
   """
 
@@ -98,8 +99,9 @@ class CameraRanges:
   distance_range: tuple[float, ...] = bounded((2.6, 3.2), 1.05, 100.0)
   fov_range: tuple[float, ...] = bounded((40.0, 45.0), 1.0, 170.0)
   closeup_prob: float = bounded(0.3, 0.0, 1.0)
-  # Between the eyes and the chin, in front of the bounding-box centre (the builtin head's face).
-  closeup_target: tuple[float, ...] = (0.0, 0.0, 0.35)
+  # [x, y, z] in the world frame; [] (the default): behind the head's nose tip, from the head
+  # model (`sdsjax.fit_step.resolve_closeup_target`).
+  closeup_target: tuple[float, ...] = ()
   closeup_zoom: float = bounded(1.6, 1.0, 100.0)
 
   def __post_init__(self):
@@ -107,11 +109,12 @@ class CameraRanges:
     target = self.closeup_target
     if not (
       isinstance(target, (tuple, list))
-      and len(target) == 3
+      and len(target) in (0, 3)
       and all(_finite_number(x) and abs(x) <= 1.0 for x in target)
     ):
       raise ValueError(
-        f"closeup_target must be [x, y, z] inside the unit bounding box, got {target!r}"
+        "closeup_target must be [x, y, z] inside the unit bounding box, or [] for the head "
+        f"model's face, got {target!r}"
       )
 
 
@@ -276,6 +279,8 @@ def sample_camera(key: Array, ranges: CameraRanges = CameraRanges()) -> tuple[Ca
   fov = jax.random.uniform(k_fov, minval=ranges.fov_range[0], maxval=ranges.fov_range[1])
   if ranges.closeup_prob <= 0.0:
     return orbit_camera(azimuth, elevation, distance, fov), azimuth, elevation
+  if len(ranges.closeup_target) != 3:
+    raise ValueError("closeup_target is unresolved: fill it with fit_step.resolve_closeup_target")
   # Close-ups draw from their own key, so the other views are the draws they were without them.
   k_close, k_front = jax.random.split(jax.random.fold_in(key, 1))
   closeup = jax.random.uniform(k_close) < ranges.closeup_prob

@@ -576,6 +576,7 @@ def fit(
     )
   head = morphable.load_model(cfg.head, cfg.num_components, cfg.num_expressions)
   fit_step.check_head(cfg, head)
+  cfg = fit_step.resolve_closeup_target(cfg, head.mean)
   sd = load_stable_diffusion(
     cfg.model, dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
   )

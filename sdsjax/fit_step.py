@@ -13,6 +13,7 @@ arguments (`frozen`), never as constants baked into the compiled program.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -119,6 +120,15 @@ def pose_joint_indices(cfg: FitConfig, head: morphable.MorphableModel) -> tuple[
     return ()
   names = head.skeleton.joint_names
   return tuple(names.index(j) for j in cfg.pose_joints)
+
+
+def resolve_closeup_target(cfg: FitConfig, mean_vertices) -> FitConfig:
+  """The config with an empty `camera.closeup_target` filled from the head's (V, 3) mean
+  vertices (`morphable.face_target`); unchanged when it is set."""
+  if cfg.camera.closeup_target:
+    return cfg
+  target = morphable.face_target(np.asarray(mean_vertices))
+  return dataclasses.replace(cfg, camera=dataclasses.replace(cfg.camera, closeup_target=target))
 
 
 def check_head(cfg: FitConfig, head: morphable.MorphableModel) -> None:
@@ -481,6 +491,7 @@ def make_fit_step(
   `view_sampler(key, step) -> View` replaces the random DreamFusion views (e.g. fixed cameras).
   """
   check_head(cfg, head)
+  cfg = resolve_closeup_target(cfg, head.mean)
   optimizer = make_optimizer(cfg, head)
   sample_inputs = make_sampler(cfg, view_sampler)
   compute_gradients = make_gradient_fn(cfg, head, encode_fn, eps_fn)

@@ -140,6 +140,19 @@ def _offsets(weights: Array, basis: Array) -> Array:
   )
 
 
+def face_target(mean_vertices: np.ndarray) -> tuple[float, float, float]:
+  """What face close-ups look at: 0.3 (of the bounding radius) behind the nose tip, the
+  frontmost of the (V, 3) mean vertices near the mirror plane (every source faces +z and is
+  symmetric in x)."""
+  mean = np.asarray(mean_vertices, np.float64)
+  width = float(np.ptp(mean[:, 0])) or 1.0
+  midline = mean[np.abs(mean[:, 0]) <= 0.05 * width]
+  if len(midline) == 0:
+    midline = mean
+  tip = midline[np.argmax(midline[:, 2])]
+  return (0.0, float(tip[1]), float(tip[2] - 0.3))
+
+
 def vertices(
   model: MorphableModel, weights: Array, expression: Array | None = None, pose: Array | None = None
 ) -> Array:

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from sdsjax import camera as camera_lib
+from sdsjax import config as config_lib
+from sdsjax import fit_step
+from sdsjax import morphable
 
 
 @pytest.mark.parametrize(
@@ -203,3 +206,16 @@ def test_sample_light():
   textureless = np.asarray(lights.textureless) > 0
   assert not np.any(textureless & ~shaded)
   assert 0.3 < textureless[shaded].mean() < 0.7
+
+
+def test_closeups_aim_behind_the_nose_tip_of_the_head_model():
+  head = morphable.load_model("builtin", 1)
+  target = morphable.face_target(np.asarray(head.mean))
+  # The builtin head's nose tip is its frontmost midline vertex, at (0, 0.064, 0.643).
+  np.testing.assert_allclose(target, (0.0, 0.064, 0.343), atol=2e-3)
+  cfg = fit_step.resolve_closeup_target(config_lib.load_config(None, []), head.mean)
+  assert cfg.camera.closeup_target == target
+  kept = config_lib.load_config(None, ["camera.closeup_target=[0.0,0.3,0.2]"])
+  assert fit_step.resolve_closeup_target(kept, head.mean) is kept  # set by the user: kept
+  with pytest.raises(ValueError, match="unresolved"):
+    camera_lib.sample_camera(jax.random.PRNGKey(0), camera_lib.CameraRanges())

@@ -303,7 +303,7 @@ def test_denoiser_sees_the_sampled_view(sd):
   """eps_fn's context carries the views the latents were rendered from."""
   cfg = config_lib.load_config(TINY, [dict(num_components=4, guidance_scale=1.0, sds_samples=2)])
   head = morphable.load_model("builtin", 4)
-  sample = fit_step.make_sampler(cfg)
+  sample = fit_step.make_sampler(fit_step.resolve_closeup_target(cfg, head.mean))
   inputs = sample(jax.random.PRNGKey(3), 0, 1000)
   grad_fn = fit_step.make_gradient_fn(
     cfg,

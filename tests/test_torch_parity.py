@@ -61,6 +61,7 @@ def setup():
   sd = load_stable_diffusion("tiny-random")
   parts = sds_step.load_parts(sd.folder)
   head = morphable.load_model(cfg.head, cfg.num_components)
+  cfg = fit_step.resolve_closeup_target(cfg, head.mean)
   torch_head = sds_step.Head.from_arrays(head.mean, head.basis, head.faces)
   # Step 7 of a run: non-zero t annealing, views drawn by sdsjax's own sampler.
   inputs = fit_step.make_sampler(cfg)(jax.random.PRNGKey(3), 7, len(sd.alphas_cumprod))
