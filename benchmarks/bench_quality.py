@@ -368,9 +368,12 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--spectrum-views",
     type=int,
-    default=16,
-    help="views of the latents' Jacobian that find the directions the renders see (recovery "
-    "case; 0: skip): reports their count and the error within them",
+    default=64,
+    help="views of the latents' Jacobian (recovery and expression cases; 0: skip): the "
+    "directions the renders see, the error within them and the information floor. The floor "
+    "needs about 32 views to settle (E_views[JᵀJ] under-counts views that are rare among few): "
+    "at render 32² / SD 128² with close-ups it reads 0.28 from 8 views, 0.21 from 16, 0.167 "
+    "from 32 and 0.162 from 64",
   )
   parser.add_argument("--json", help="also write the JSON report here")
   parser.add_argument("--no-progress", dest="progress", action="store_false")
