@@ -143,21 +143,12 @@ def fit_timesteps(cfg, num_timesteps: int) -> np.ndarray:
   """(steps, sds_samples) timesteps drawn by the fit's own t schedule (one fixed key)."""
   import jax
 
-  from sdsjax import sds
+  from sdsjax import fit_step
 
-  steps = np.arange(cfg.steps)
+  draw = fit_step.timestep_sampler(cfg)
   keys = jax.random.split(jax.random.PRNGKey(3), cfg.steps)
-  draw = lambda key, step: sds.schedule_timesteps(
-    key,
-    (cfg.sds_samples,),
-    step,
-    sds.anneal_steps(cfg.steps, cfg.t_anneal_fraction),
-    cfg.t_range,
-    cfg.t_max_end,
-    cfg.t_schedule,
-    num_timesteps,
-  )
-  return np.asarray(jax.jit(jax.vmap(draw))(keys, steps))
+  steps = np.arange(cfg.steps)
+  return np.asarray(jax.jit(jax.vmap(lambda k, s: draw(k, s, num_timesteps)))(keys, steps))
 
 
 def run_case(case: str, args, log) -> dict:

@@ -29,6 +29,7 @@ from flax import struct
 
 from sdsjax.field_checks import bounded
 from sdsjax.field_checks import check_fields
+from sdsjax.field_checks import in_range
 
 Array = jax.Array
 
@@ -110,16 +111,12 @@ class CameraRanges:
     if not (
       isinstance(target, (tuple, list))
       and len(target) in (0, 3)
-      and all(_finite_number(x) and abs(x) <= 1.0 for x in target)
+      and all(in_range(x, -1.0, 1.0) for x in target)
     ):
       raise ValueError(
         "closeup_target must be [x, y, z] inside the unit bounding box, or [] for the head "
         f"model's face, got {target!r}"
       )
-
-
-def _finite_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,8 @@ def _number(x) -> str:
   return str(x) if isinstance(x, int) else f"{x:g}"
 
 
-def _in_range(value, lo, hi) -> bool:
+def in_range(value, lo, hi) -> bool:
+  """A finite int or float (not a bool) within [lo, hi]."""
   return (
     isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   ) and lo <= value <= hi
@@ -46,10 +47,10 @@ def check_fields(obj) -> None:
     lo, hi = f.metadata["range"]
     if isinstance(f.default, tuple):
       ok = isinstance(value, (tuple, list)) and len(value) == 2
-      if not (ok and all(_in_range(v, lo, hi) for v in value) and value[0] <= value[1]):
+      if not (ok and all(in_range(v, lo, hi) for v in value) and value[0] <= value[1]):
         raise ValueError(
           f"{f.name} must be [min, max] with min <= max, both in [{_number(lo)}, "
           f"{_number(hi)}], got {list(value) if isinstance(value, (tuple, list)) else value!r}"
         )
-    elif not _in_range(value, lo, hi):
+    elif not in_range(value, lo, hi):
       raise ValueError(f"{f.name} must be in [{_number(lo)}, {_number(hi)}], got {value!r}")

@@ -392,19 +392,36 @@ class StepInputs:
   noise: jax.Array  # (n, h, w, c) with h = w = sd_resolution / 8
 
 
+def timestep_sampler(cfg: FitConfig):
+  """`draw(key, step, num_timesteps) -> (sds_samples,) int32`: the fit's t schedule."""
+  anneal = sds.anneal_steps(cfg.steps, cfg.t_anneal_fraction)
+
+  def draw(key, step, num_timesteps: int):
+    return sds.schedule_timesteps(
+      key,
+      (cfg.sds_samples,),
+      step,
+      anneal,
+      cfg.t_range,
+      cfg.t_max_end,
+      cfg.t_schedule,
+      num_timesteps,
+    )
+
+  return draw
+
+
 def make_sampler(cfg: FitConfig, view_sampler=None, latent_channels: int = 4):
   """`sample_inputs(key, step, num_timesteps) -> StepInputs`, all from one key."""
   view_sampler = view_sampler or (lambda key, step: sample_view(key, step, cfg))
   n = cfg.sds_samples
   h = cfg.sd_resolution // 8
-  anneal = sds.anneal_steps(cfg.steps, cfg.t_anneal_fraction)
+  draw_timesteps = timestep_sampler(cfg)
 
   def sample_inputs(key, step, num_timesteps: int) -> StepInputs:
     k_view, k_t, k_noise = jax.random.split(key, 3)
     views = jax.vmap(lambda k: view_sampler(k, step))(jax.random.split(k_view, n))
-    t = sds.schedule_timesteps(
-      k_t, (n,), step, anneal, cfg.t_range, cfg.t_max_end, cfg.t_schedule, num_timesteps
-    )
+    t = draw_timesteps(k_t, step, num_timesteps)
     noise = jax.random.normal(k_noise, (n, h, h, latent_channels), jnp.float32)
     return StepInputs(views=views, t=t, noise=noise)
 

@@ -125,6 +125,13 @@ def gaussian_eps(z_t, abar, mu, std):
   return jnp.sqrt(1.0 - abar) * (z_t - jnp.sqrt(abar) * mu) / (abar * std**2 + 1.0 - abar)
 
 
+def _denoiser_coefficients(abar, std):
+  """(a, β) of the exact denoiser of N(μ, std²) data at ᾱ = `abar` (NumPy, float64):
+  ε_θ(z_t) = a·(z − μ) + β·ε for z_t = √ᾱ·z + √(1−ᾱ)·ε (`gaussian_eps`)."""
+  denominator = abar * std**2 + 1.0 - abar
+  return np.sqrt(abar * (1.0 - abar)) / denominator, (1.0 - abar) / denominator
+
+
 def guided_overshoot(
   alphas_cumprod, guidance_scale, cond_std, uncond_std, t_range, weighting: str = "sds"
 ) -> float:
@@ -143,13 +150,11 @@ def guided_overshoot(
   lo, hi = (int(b) for b in sds.timestep_bounds(t_range[0], t_range[1], num))
   abar = alphas_cumprod[lo : min(hi, num)]
   s = float(guidance_scale)
-
-  def a(std):
-    return np.sqrt(abar * (1.0 - abar)) / (abar * std**2 + 1.0 - abar)
-
-  k = s * a(cond_std) - (s - 1.0) * a(uncond_std)
+  a_c, _ = _denoiser_coefficients(abar, cond_std)
+  a_u, _ = _denoiser_coefficients(abar, uncond_std)
+  k = s * a_c - (s - 1.0) * a_u
   weight = np.asarray(sds.sds_weight(abar, weighting), np.float64) * k
-  return float(np.sum(weight * (s - 1.0) * a(uncond_std) / k) / np.sum(weight))
+  return float(np.sum(weight * (s - 1.0) * a_u / k) / np.sum(weight))
 
 
 def residual_coefficients(alphas_cumprod, t, guidance_scale, cond_std, uncond_std):
@@ -162,14 +167,9 @@ def residual_coefficients(alphas_cumprod, t, guidance_scale, cond_std, uncond_st
   """
   abar = np.asarray(alphas_cumprod, np.float64)[np.asarray(t)]
   s = float(guidance_scale)
-
-  def a(std):
-    return np.sqrt(abar * (1.0 - abar)) / (abar * std**2 + 1.0 - abar)
-
-  def beta(std):
-    return (1.0 - abar) / (abar * std**2 + 1.0 - abar)
-
-  return s * a(cond_std), s * beta(cond_std) - (s - 1.0) * beta(uncond_std) - 1.0
+  a_c, beta_c = _denoiser_coefficients(abar, cond_std)
+  _, beta_u = _denoiser_coefficients(abar, uncond_std)
+  return s * a_c, s * beta_c - (s - 1.0) * beta_u - 1.0
 
 
 def draw_information(alphas_cumprod, t, guidance_scale, cond_std, uncond_std):
