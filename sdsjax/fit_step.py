@@ -301,12 +301,16 @@ def make_optimizer(cfg: FitConfig, head: morphable.MorphableModel) -> optax.Grad
     box = weight_box(cfg, head, g)
     if box is not None:
       adam[g] = optax.chain(adam[g], keep_within(*box))
-  inner = optax.chain(
+  # Only Adam (and the box) sit inside apply_if_finite: it is a lax.cond, which under vmap
+  # over prompts selects every operand of both branches, and the penalty's closed-over head
+  # basis (K × V × 3) would be broadcast to every prompt and selected in each step. A
+  # non-finite gradient stays non-finite through clipping and the priors, so it is still skipped.
+  return optax.chain(
+    nan_if_norm_overflows(),
     optax.partition(clip_and_prior, labels),
     add_gradient_of(shape_and_texture_penalty),
-    optax.partition(adam, labels),
+    optax.apply_if_finite(optax.partition(adam, labels), _NEVER),
   )
-  return optax.chain(nan_if_norm_overflows(), optax.apply_if_finite(inner, _NEVER))
 
 
 def bad_steps(opt_state) -> tuple[jax.Array, jax.Array, jax.Array]:

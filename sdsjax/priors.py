@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from sdsjax import shading
+from sdsjax import unrolled
 from sdsjax.field_checks import bounded
 from sdsjax.field_checks import check_fields
 
@@ -47,7 +48,7 @@ def fold_penalty(verts: jax.Array, faces: jax.Array, rest_normals: jax.Array, co
   bias a fit; folds and self-intersections begin as faces that flip.
   """
   normals = shading.face_normals(verts, faces)
-  cos = jnp.sum(normals * rest_normals, axis=-1)
+  cos = unrolled.dot_last(normals, rest_normals)
   return jnp.mean(jax.nn.relu(cos_min - cos) ** 2)
 
 

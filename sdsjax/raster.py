@@ -56,7 +56,8 @@ Tiles are processed in chunks (`lax.map`), fullest tiles first, so memory is bou
 candidate slots as its fullest tile holds, rounded up to C, C/2, C/4 or C/8 (a `lax.switch`):
 most tiles of a dense mesh hold a small fraction of C. Plain `jax.vmap` would batch every
 chunk (a batch of N views makes each chunk N times larger, and runs every switch branch); a
-`custom_vmap` rule instead maps over the views, so each step holds one view's work.
+`custom_vmap` rule instead maps over the views, so each step holds one view's work; nested
+vmaps (views within prompts) meet the rule at every level.
 
 Pass 2: evaluation (differentiable)
 -----------------------------------
@@ -124,6 +125,7 @@ import numpy as np
 from flax import struct
 
 from sdsjax import camera as camera_lib
+from sdsjax import unrolled
 from sdsjax.field_checks import bounded
 from sdsjax.field_checks import check_fields
 from sdsjax.field_checks import one_of
@@ -340,7 +342,7 @@ def project_mesh(
   z = depth[faces]
   area2 = jax.lax.stop_gradient(_cross2(xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0]))
   in_range = jax.lax.stop_gradient(
-    jnp.all(z > settings.near, axis=-1) & jnp.all(z < settings.far, axis=-1)
+    unrolled.all_last(z > settings.near) & unrolled.all_last(z < settings.far)
   )
   degenerate = in_range & (jnp.abs(area2) <= 1e-12)
   valid = in_range & ~degenerate
@@ -450,7 +452,9 @@ def _select_faces_batching(settings: RasterSettings) -> Callable[..., Any]:
     projected = jax.tree_util.tree_map(
       lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *x.shape)), projected, batched
     )
-    ids, overflow = jax.lax.map(lambda view: _select_faces_single(view, settings), projected)
+    # Each view goes through `select` again, so an enclosing vmap (views within prompts)
+    # meets this rule once more instead of batching the map's body.
+    ids, overflow = jax.lax.map(select, projected)
     return (ids, overflow), (True, True)
 
   return select
@@ -545,10 +549,10 @@ def _bin_faces(
   budget = settings.resolved_bin_entries(num_faces)
   radius = settings.soft_radius
 
-  order = _nearest_first(jnp.min(z, axis=1), valid)
-  xy_sorted = xy[order]
-  lo = jnp.min(xy_sorted, axis=1) - radius  # (F, 2)
-  hi = jnp.max(xy_sorted, axis=1) + radius
+  order = _nearest_first(unrolled.min_last(z), valid)
+  corners = jnp.swapaxes(xy[order], 1, 2)  # (F, 2, 3)
+  lo = unrolled.min_last(corners) - radius  # (F, 2)
+  hi = unrolled.max_last(corners) + radius
   x0, x1 = _tile_span(lo[:, 0], hi[:, 0], settings)
   y0, y1 = _tile_span(-hi[:, 1], -lo[:, 1], settings)
   width = x1 - x0 + 1
@@ -595,11 +599,11 @@ def _select_faces_single(projected: ProjectedMesh, settings: RasterSettings) -> 
   orient = jnp.where(area2 >= 0, 1.0, -1.0).astype(dtype)
   starts = xy  # edge i runs p_i -> p_{i+1}
   edges = jnp.roll(xy, -1, axis=1) - xy  # (F, 3, 2)
-  lengths = jnp.sqrt(jnp.maximum(jnp.sum(edges * edges, -1), 1e-30))
+  lengths = jnp.sqrt(jnp.maximum(unrolled.dot_last(edges, edges), 1e-30))
   normals = orient[:, None, None] * jnp.stack([-edges[..., 1], edges[..., 0]], -1)
   normals = normals / lengths[..., None]  # unit, pointing inside
   lines = jnp.concatenate(
-    [normals, -jnp.sum(normals * starts, -1, keepdims=True)], -1
+    [normals, -unrolled.dot_last(normals, starts, keepdims=True)], -1
   )  # (F, 3, 3): a, b, c
   # Inverse-depth plane w(x, y) = A x + B y + C from the affine barycentric planes.
   safe_area2 = jnp.where(jnp.abs(area2) > 1e-12, area2, 1.0)
@@ -609,7 +613,7 @@ def _select_faces_single(projected: ProjectedMesh, settings: RasterSettings) -> 
   bary_c = _cross2(q1, q2) / safe_area2[:, None]
   inv_z = 1.0 / jnp.where(valid[:, None], z, 1.0)
   plane = jnp.stack(
-    [jnp.sum(bary_a * inv_z, -1), jnp.sum(bary_b * inv_z, -1), jnp.sum(bary_c * inv_z, -1)], -1
+    [unrolled.dot_last(bary, inv_z) for bary in (bary_a, bary_b, bary_c)], -1
   )  # (F, 3)
   outline = projected.outline
   cand_ids, cand_ok, overflow, count = _bin_faces(projected, settings)

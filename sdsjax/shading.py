@@ -27,6 +27,7 @@ from flax import struct
 
 from sdsjax import camera as camera_lib
 from sdsjax import raster
+from sdsjax import unrolled
 
 Array = jax.Array
 
@@ -56,19 +57,19 @@ class RenderOutput:
 
 
 def _normalize(v: Array) -> Array:
-  return v / jnp.sqrt(jnp.maximum(jnp.sum(v * v, -1, keepdims=True), 1e-20))
+  return unrolled.normalize_last(v, 1e-20)
 
 
 def face_normals(verts: Array, faces: Array) -> Array:
   """(F, 3) unit normals of counter-clockwise faces (outward)."""
   tri = verts[faces]
-  return _normalize(jnp.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]))
+  return _normalize(unrolled.cross3(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]))
 
 
 def vertex_normals(verts: Array, faces: Array) -> Array:
   """(V, 3) smooth unit vertex normals: area-weighted sums of the adjacent face normals."""
   tri = verts[faces]
-  weighted = jnp.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # |n| = 2 · area
+  weighted = unrolled.cross3(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # |n| = 2 · area
   sums = jnp.zeros_like(verts).at[faces.reshape(-1)].add(jnp.repeat(weighted, 3, axis=0))
   return _normalize(sums)
 
@@ -187,7 +188,7 @@ def render_soft(
     else:
       textured = sample_texture(texture.astype(dtype), interpolate(9, 2))
       base = light.textureless * grey + (1.0 - light.textureless) * textured
-    lambert = jnp.maximum(jnp.sum(normals * light.direction, -1, keepdims=True), 0.0)
+    lambert = jnp.maximum(unrolled.dot_last(normals, light.direction, keepdims=True), 0.0)
     colors = base * (light.ambient + light.diffuse * lambert)
     rgb, alpha = raster.blend(colors, frags, bg, settings)
     hit = frags.inside[..., 0]

@@ -251,6 +251,40 @@ def test_vmap_over_cameras_and_vertex_sets_matches_loop():
     np.testing.assert_allclose(batched.alpha[i], single.alpha, atol=1e-5)
 
 
+def test_nested_vmap_views_within_vertex_sets_matches_loop():
+  # The fit's shape: vmap over prompts (vertex sets) of vmap over views (cameras). Each
+  # level meets the selection's vmap rule, which maps over its axis instead of batching.
+  verts, faces = _sphere(2, radius=0.9)
+  verts = jnp.asarray(verts, jnp.float32)
+  faces = jnp.asarray(faces)
+  settings = raster.RasterSettings(image_size=24, sigma=1e-3)
+  cams = [camera_lib.orbit_camera(a, e, 3.0, 40.0) for a, e in [(0, 0), (70, 20), (-120, -15)]]
+  cam_batch = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *cams)
+  light = camera_lib.default_light(direction=jnp.array([0.2, 0.6, 1.0]))
+  vert_sets = jnp.stack([verts * s for s in (0.8, 1.0)])
+
+  def select(v, c):
+    return raster.select_faces(raster.project_mesh(v, faces, c, settings), settings)
+
+  def render(v, c):
+    out = shading.render_soft(v, faces, c, light, settings)
+    return out.rgb, out.alpha
+
+  nested = lambda f: jax.jit(jax.vmap(jax.vmap(f, in_axes=(None, 0)), in_axes=(0, None)))
+  ids, overflow = nested(select)(vert_sets, cam_batch)
+  rgb, alpha = nested(render)(vert_sets, cam_batch)
+  select, render = jax.jit(select), jax.jit(render)
+  assert ids.shape == (2, 3, 24, 24, settings.faces_per_pixel)
+  for i in range(2):
+    for j, cam in enumerate(cams):
+      single_ids, single_overflow = select(vert_sets[i], cam)
+      np.testing.assert_array_equal(ids[i, j], single_ids)
+      assert int(overflow[i, j]) == int(single_overflow)
+      single_rgb, single_alpha = render(vert_sets[i], cam)
+      np.testing.assert_allclose(rgb[i, j], single_rgb, atol=1e-5)
+      np.testing.assert_allclose(alpha[i, j], single_alpha, atol=1e-5)
+
+
 def test_overflow_is_counted_and_nearest_faces_survive():
   # 40 small stacked triangles inside one 8×8 tile, at increasing depth.
   n = 40
