@@ -272,6 +272,10 @@ def run_case(case: str, args, log) -> dict:
       half.append(first[0] if first else math.inf)
     median = float(np.median(half))
     row["steps_to_half_error"] = median if math.isfinite(median) else None  # None: never
+    # Diagnostic: the error of the mean of the recorded iterates over the last half.
+    tail = np.mean([wk for s, wk in curve if s > cfg.steps // 2], axis=0)
+    rel_tail = np.linalg.norm(tail - w_star, axis=1) / np.linalg.norm(w_star, axis=1)
+    row[f"{prefix}_tail_mean_rel_err_median"] = float(np.median(rel_tail))
     row["rms_weight"] = float(np.sqrt(np.mean(w**2)))
     # The same error as geometry: vertex offsets B·(w − w*) against B·w*.
     basis = np.asarray(head.basis).reshape(head.num_components, -1)
