@@ -21,12 +21,6 @@ def _parts(x: Array) -> list[Array]:
   return [x[..., i] for i in range(x.shape[-1])]
 
 
-def sum_last(x: Array, keepdims: bool = False) -> Array:
-  """Σ over the last axis: (..., n) -> (...) or (..., 1)."""
-  out = functools.reduce(jnp.add, _parts(x))
-  return out[..., None] if keepdims else out
-
-
 def min_last(x: Array) -> Array:
   """min over the last axis: (..., n) -> (...)."""
   return functools.reduce(jnp.minimum, _parts(x))
