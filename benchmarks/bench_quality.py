@@ -291,7 +291,9 @@ def run_case(case: str, args, log) -> dict:
       info = teachers.draw_information(
         alphas, fit_timesteps(cfg, alphas.shape[0]), cfg.guidance_scale, cond_std, uncond_std
       )
-      groups = {prefix: (0, k), "expression": (k, jacobian.shape[1])}
+      groups = {prefix: (0, k)}
+      if jacobian.shape[1] > k:  # an empty group would be a mean of nothing (NaN)
+        groups["expression"] = (k, jacobian.shape[1])
       gram = jacobian.T @ jacobian / args.spectrum_views
       floors = teachers.information_floor(gram, info.mean(), cfg.steps * cfg.sds_samples, groups)
       row[f"{prefix}_information_floor"] = floors[prefix]
