@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from sdsjax import unrolled
 from sdsjax.field_checks import bounded
 from sdsjax.field_checks import check_fields
 from sdsjax.field_checks import in_range
@@ -162,8 +163,8 @@ def view_probabilities(ranges: CameraRanges) -> dict[str, float]:
   }
 
 
-def _normalize(v: Array, eps: float = 1e-12) -> Array:
-  return v / jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), eps))
+def _normalize(v: Array) -> Array:
+  return unrolled.normalize_last(v, 1e-12)
 
 
 def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0), fov_deg=40.0) -> Camera:
