@@ -317,6 +317,11 @@ def run_case(case: str, args, log) -> dict:
   if case == "null":
     row["null_rms_weight"] = float(np.sqrt(np.mean(w**2)))
     row["null_max_abs_weight"] = float(np.abs(w).max())
+  if args.keep_weights:
+    for name in ("weights", "expression"):
+      if name in state.params:
+        row[f"final_{name}"] = np.asarray(state.params[name]).round(4).tolist()
+        row[f"target_{name}"] = np.asarray(targets[name])[index].round(4).tolist()
   if case == "texture":
     fitted = 1.0 / (1.0 + np.exp(-np.asarray(state.params["texture_logits"])))
     want = target_texture(cfg.texture_resolution)
@@ -373,6 +378,11 @@ def main(argv=None) -> int:
     "from 32 and 0.162 from 64",
   )
   parser.add_argument("--json", help="also write the JSON report here")
+  parser.add_argument(
+    "--keep-weights",
+    action="store_true",
+    help="also keep each prompt's final and target weights in the JSON (per-component errors)",
+  )
   parser.add_argument("--no-progress", dest="progress", action="store_false")
   args = parser.parse_args(argv)
   log = common.logger("bench_quality")

@@ -85,7 +85,8 @@ class FitConfig:
   dtype: str = one_of("float32", "bfloat16")  # UNet/VAE compute dtype
   # Optimiser: clip_by_global_norm -> prior -> Adam, per parameter group.
   lr: float = bounded(0.1, 0.0, 10.0)  # TADA's lr for SMPL-X betas
-  lr_schedule: str = one_of("cosine", "constant")
+  # exponential: TADA's decay, lr·0.1^(progress) after the warmup, to lr/10 at the last step.
+  lr_schedule: str = one_of("exponential", "cosine", "constant")
   warmup_steps: int = bounded(20, 0, STEPS)
   adam_b1: float = bounded(0.9, 0.0, 0.999999)
   adam_b2: float = bounded(0.99, 0.0, 0.999999)

@@ -185,8 +185,12 @@ def init_params(cfg: FitConfig, head: morphable.MorphableModel) -> dict:
   return params
 
 
+EXPONENTIAL_LR_END = 0.1  # the exponential schedule's last lr, as a fraction of the peak
+
+
 def learning_rate(cfg: FitConfig, group: str):
-  """The lr schedule of one parameter group (warmup + cosine or constant; delayed starts)."""
+  """The lr schedule of one parameter group (warmup + exponential or cosine decay, or constant;
+  delayed starts)."""
   peak = {
     "identity": cfg.lr,
     "expression": cfg.expression_lr,
@@ -198,6 +202,17 @@ def learning_rate(cfg: FitConfig, group: str):
     warmup = max(cfg.warmup_steps, 1)
     schedule = optax.warmup_cosine_decay_schedule(
       0.0, peak, warmup, max(cfg.steps - start, warmup + 1)
+    )
+  elif cfg.lr_schedule == "exponential":
+    # TADA's decay: peak · 0.1^(progress), to a tenth of the peak at the last step.
+    warmup = max(cfg.warmup_steps, 1)
+    schedule = optax.warmup_exponential_decay_schedule(
+      0.0,
+      peak,
+      warmup,
+      max(cfg.steps - start - warmup, 1),
+      EXPONENTIAL_LR_END,
+      end_value=peak * EXPONENTIAL_LR_END,
     )
   elif cfg.warmup_steps > 0:
     schedule = optax.linear_schedule(0.0, peak, cfg.warmup_steps)

@@ -30,8 +30,8 @@ class Priors:
   exaggerates) cannot carry a weight into a caricature.
   """
 
-  identity: float = bounded(0.01, 0.0, 1e3)
-  expression: float = bounded(0.01, 0.0, 1e3)
+  identity: float = bounded(0.003, 0.0, 1e3)
+  expression: float = bounded(0.003, 0.0, 1e3)
   pose: float = bounded(1.0, 0.0, 1e3)
   fold: float = bounded(1.0, 0.0, 1e6)
   fold_cos: float = bounded(0.5, -1.0, 1.0)

@@ -295,6 +295,36 @@ def test_gaussian_prior_pulls_back_without_a_signal():
   assert np.abs(np.asarray(params["weights"])).max() < 0.2
 
 
+@pytest.mark.parametrize("start", [0, 30])
+def test_exponential_lr_warms_up_then_decays_to_a_tenth(start):
+  """TADA's schedule: linear warmup to the peak, then peak·0.1^(progress) to the last step."""
+  cfg = config_lib.load_config(
+    None,
+    [
+      dict(
+        steps=100,
+        warmup_steps=10,
+        lr_schedule="exponential",
+        expression_lr=0.05,
+        expression_start_step=start,
+      )
+    ],
+  )
+  lr = fit_step.learning_rate(cfg, "expression")
+  at = lambda count: float(lr(count))
+  if start:
+    assert at(start - 1) == 0.0
+  np.testing.assert_allclose(at(start + 5), 0.025, rtol=1e-5)
+  np.testing.assert_allclose(at(start + 10), 0.05, rtol=1e-5)
+  # Halfway through the decay it is at peak·0.1^0.5; at and after the last step, peak / 10.
+  decay = cfg.steps - start - 10
+  np.testing.assert_allclose(
+    at(start + 10 + decay // 2), 0.05 * 0.1 ** ((decay // 2) / decay), rtol=1e-4
+  )
+  np.testing.assert_allclose(at(cfg.steps), 0.005, rtol=1e-4)
+  np.testing.assert_allclose(at(10 * cfg.steps), 0.005, rtol=1e-4)
+
+
 def test_fold_penalty_is_zero_near_the_mean_and_grows_with_flips():
   head = morphable.load_model("builtin", 4)
   rest = shading.face_normals(head.mean, head.faces)

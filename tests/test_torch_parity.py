@@ -177,14 +177,15 @@ def test_sds_gradient_parity(setup):
   np.testing.assert_allclose(float(torch_aux["loss"]), float(aux["loss"]), rtol=1e-4)
 
 
-def test_optimizer_matches():
+@pytest.mark.parametrize("lr_schedule", ["cosine", "exponential"])
+def test_optimizer_matches(lr_schedule):
   """clip_grad_norm_ -> Adam(weight_decay) -> clamp == optax clip -> add_decayed_weights (prior)
-  -> adam -> keep_within (the ±prior.bound box)."""
+  -> adam -> keep_within (the ±prior.bound box), under each lr schedule."""
   cfg = config_lib.load_config(
     TINY,
     [
       dict(
-        lr_schedule="cosine",
+        lr_schedule=lr_schedule,
         warmup_steps=3,
         steps=12,
         grad_clip=1.0,

@@ -360,6 +360,17 @@ def lr_lambda(cfg):
       return 0.5 * (1.0 + math.cos(math.pi * frac))
 
     return cosine
+  if cfg.lr_schedule == "exponential":
+    warmup = max(warmup, 1)
+    decay = max(cfg.steps - warmup, 1)
+    end = 0.1  # sdsjax.fit_step.EXPONENTIAL_LR_END
+
+    def exponential(count):
+      if count < warmup:
+        return count / warmup
+      return end ** (min(count - warmup, decay) / decay)
+
+    return exponential
   if warmup > 0:
     return lambda count: min(count, warmup) / warmup
   return lambda count: 1.0
