@@ -118,7 +118,9 @@ def test_two_processes_stop_together_resume_and_match_one(tmp_path):
     b = np.load(tmp_path / "one" / slug / "params.npz")["weights"]
     assert np.abs(b).max() > 0
     # Each process compiles a batch of 1 where the single process compiles a batch of 2, so
-    # XLA picks different kernels; Adam rescales the resulting ~1e-7 gradient noise to ~1e-5.
+    # XLA picks different kernels; Adam rescales the resulting ~1e-7 gradient noise to ~1e-5,
+    # and to ~1e-3 on a weight whose gradient is near 0 (Adam divides it by its own size).
     # A wrong prompt/key assignment, or a step lost or repeated by the resume, would differ by
-    # the step size (~1e-2). (Over 24 steps the noise grows to ~5e-2: hence 8 steps.)
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    # a step (lr 0.05 times Adam's |m/√v| of 0.3-1, on every weight); the bound is 5% of the
+    # lr. (Over 24 steps the noise grows to ~5e-2: hence 8 steps.)
+    np.testing.assert_allclose(a, b, rtol=0, atol=2.5e-3)
