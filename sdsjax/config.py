@@ -94,9 +94,12 @@ class FitConfig:
   expression_lr: float = bounded(0.05, 0.0, 10.0)
   expression_start_step: int = bounded(0, 0, STEPS)  # 0: with the identity
   pose_lr: float = bounded(0.02, 0.0, 10.0)
-  texture_lr: float = bounded(0.02, 0.0, 10.0)
+  texture_lr: float = bounded(0.01, 0.0, 10.0)  # per pyramid level (texture_coarsest)
   texture_start_step: int = bounded(0, 0, STEPS)  # 0: with the shape
   texture_smoothness: float = bounded(1.0, 0.0, 1e6)  # squared-gradient prior
+  # Adam runs on a pyramid of textures, halving down to this many texels per side, whose
+  # upsampled sum is the texture (sdsjax.texture_pyramid); ≥ texture_resolution: per texel.
+  texture_coarsest: int = bounded(8, 1, 4096)
   prior: priors.Priors = dataclasses.field(default_factory=priors.Priors)
   # Robustness.
   max_bad_steps: int = bounded(20, 1, STEPS)  # stop after this many consecutive non-finite steps
@@ -114,10 +117,18 @@ class FitConfig:
 
 
 def to_dict(cfg: FitConfig) -> dict[str, Any]:
-  """The config as plain YAML/JSON-able data (tuples become lists)."""
+  """The config as plain YAML/JSON-able data (tuples become lists), equal to its JSON
+  round trip (what a run stores and `--resume` compares against)."""
   from omegaconf import OmegaConf
 
-  return OmegaConf.to_container(OmegaConf.structured(cfg))
+  def plain(x):
+    if isinstance(x, dict):
+      return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):  # OmegaConf keeps a structured config's tuples
+      return [plain(v) for v in x]
+    return x
+
+  return plain(OmegaConf.to_container(OmegaConf.structured(cfg)))
 
 
 def load_config(

@@ -30,6 +30,7 @@ from sdsjax import morphable
 from sdsjax import priors
 from sdsjax import sds
 from sdsjax import shading
+from sdsjax import texture_pyramid
 from sdsjax.config import FitConfig
 
 # encode_fn(vae_params, images (N, H, W, 3) in [0, 1]) -> latents (N, H/8, W/8, 4).
@@ -313,6 +314,8 @@ def make_optimizer(cfg: FitConfig, head: morphable.MorphableModel) -> optax.Grad
   adam = {}
   for g in groups:
     adam[g] = optax.adam(learning_rate(cfg, g), b1=cfg.adam_b1, b2=cfg.adam_b2)
+    if g == "texture" and cfg.texture_coarsest < cfg.texture_resolution:
+      adam[g] = texture_pyramid.in_pyramid(adam[g], cfg.texture_coarsest)
     box = weight_box(cfg, head, g)
     if box is not None:
       adam[g] = optax.chain(adam[g], keep_within(*box))

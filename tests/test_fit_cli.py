@@ -177,11 +177,32 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, whole):
   assert all(p["status"] == "pending" for p in run["prompts"])
   # Without --resume the half-done run is protected.
   assert run_cli(*RUN, "--out", tmp_path / "killed") == 2
-  assert run_cli("--out", tmp_path / "killed", "--resume") == 0
+  # The same command plus --resume, as the interrupt message says (its config and overrides
+  # are the run's own, so they must compare equal to the stored ones).
+  assert run_cli(*RUN, "--out", tmp_path / "killed", "--resume") == 0
   resumed = json.loads((tmp_path / "killed" / "run.json").read_text())
   assert resumed["resumed_from"] == {"wave": 0, "step": 12}
   assert all(p["status"] == "done" for p in resumed["prompts"])
   assert_same_run(whole, tmp_path / "killed")
+
+
+def test_texture_fit_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+  """The texture's Adam state lives on its pyramid levels (sdsjax.texture_pyramid): a
+  checkpoint must restore it exactly."""
+  argv = [*RUN[:2], "--model", "tiny-random", "--config", TINY, "--steps", 6, "--texture"]
+  argv += ["texture_resolution=32", "texture_coarsest=8", "checkpoint_every=2"]
+  argv += ["num_components=6", "preview_resolution=16"]
+  assert run_cli(*argv, "--out", tmp_path / "whole") == 0
+  real = fit_run.program_cache_lib.compile_step
+  monkeypatch.setattr(fit_run.program_cache_lib, "compile_step", dying_at_call(4, real))
+  with pytest.raises(Interrupt):
+    run_cli(*argv, "--out", tmp_path / "killed")
+  monkeypatch.setattr(fit_run.program_cache_lib, "compile_step", real)
+  assert run_cli(*argv, "--out", tmp_path / "killed", "--resume") == 0
+  assert json.loads((tmp_path / "killed" / "run.json").read_text())["resumed_from"]["step"] == 2
+  texture = lambda run: np.load(tmp_path / run / "a-bald-pirate" / "params.npz")["texture"]
+  np.testing.assert_allclose(texture("killed"), texture("whole"), rtol=1e-5, atol=1e-6)
+  assert np.abs(texture("whole") - texture("whole").mean((0, 1))).max() > 0  # it moved
 
 
 def _start(out, *extra, resume=False):
