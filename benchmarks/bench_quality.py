@@ -257,6 +257,7 @@ def run_case(case: str, args, log) -> dict:
   t_bank = time.perf_counter()
   if args.bank:
     bank = teachers.view_bank(cfg, head, encode_fn, targets, jax.random.PRNGKey(2), args.bank)
+    jax.block_until_ready(bank)  # else bank_s times the dispatch and the next sync pays
     teacher_params["bank"] = bank
     view_sampler = teachers.bank_view_sampler(bank)
     eps_fn = teachers.banked_gaussian_teacher(cond_std, uncond_std)
