@@ -311,10 +311,12 @@ def make_optimizer(cfg: FitConfig, head: morphable.MorphableModel) -> optax.Grad
     g: optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.add_decayed_weights(prior[g]))
     for g in groups
   }
+  # One level is the plain texture: then Adam's state keeps its per-texel layout.
+  pyramid = len(texture_pyramid.level_sizes(cfg.texture_resolution, cfg.texture_coarsest)) > 1
   adam = {}
   for g in groups:
     adam[g] = optax.adam(learning_rate(cfg, g), b1=cfg.adam_b1, b2=cfg.adam_b2)
-    if g == "texture" and cfg.texture_coarsest < cfg.texture_resolution:
+    if g == "texture" and pyramid:
       adam[g] = texture_pyramid.in_pyramid(adam[g], cfg.texture_coarsest)
     box = weight_box(cfg, head, g)
     if box is not None:

@@ -40,8 +40,8 @@ def expand(pyramid: tuple[jax.Array, ...]) -> jax.Array:
 def reduce(texture: jax.Array, sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
   """Pᵀ·g: the (R, R, C) gradient `texture` taken to each level (the adjoint of `expand`)."""
   chex.assert_rank(texture, 3)
-  zeros = tuple(jnp.zeros((s, s, texture.shape[-1]), texture.dtype) for s in sizes)
-  (pyramid,) = jax.linear_transpose(expand, zeros)(texture)
+  levels = tuple(jax.ShapeDtypeStruct((s, s, texture.shape[-1]), texture.dtype) for s in sizes)
+  (pyramid,) = jax.linear_transpose(expand, levels)(texture)
   return pyramid
 
 
@@ -50,7 +50,7 @@ def in_pyramid(inner: optax.GradientTransformation, coarsest: int) -> optax.Grad
   texels per side (`level_sizes`): the update is P·inner(Pᵀ·g).
 
   `inner` must not need the params (its `params` argument is None). A leaf whose pyramid is
-  one level gets `inner`'s own update.
+  one level gets `inner`'s own update (its state holds a 1-tuple per leaf).
   """
 
   def sizes_of(x):
@@ -60,8 +60,8 @@ def in_pyramid(inner: optax.GradientTransformation, coarsest: int) -> optax.Grad
   # The leaves go to `inner` as a list of level tuples (optax.partition's MaskedNode
   # placeholders have no leaves, so they drop out here and come back with the treedef).
   def init(params):
-    leaves = jax.tree.leaves(params)
-    return inner.init([reduce(jnp.zeros_like(x), sizes_of(x)) for x in leaves])
+    zeros = lambda x: tuple(jnp.zeros((s, s, x.shape[-1]), x.dtype) for s in sizes_of(x))
+    return inner.init([zeros(x) for x in jax.tree.leaves(params)])
 
   def update(updates, state, params=None):
     del params
