@@ -79,14 +79,15 @@ class CameraRanges:
   The azimuth is face-biased: with probability `1 − back_view_prob` it is drawn from a
   normal around 0° with std `azimuth_spread`, truncated to [−180°, 180°]; otherwise it is
   uniform on [−180°, 180°), so the back of the head is seen too. With the defaults (close-ups
-  below included) about 49% of the views are front views (|azimuth| < 45°) and about 6% are
+  below included) about 55% of the views are front views (|azimuth| < 45°) and about 2.6% are
   back views (`view_probabilities` gives the exact shares).
 
   The default distance and fov keep the unit bounding sphere at an NDC radius of about
   0.8–1.15 (`focal * r / sqrt(d² − r²)`), so a head (whose half-height is smaller than its
   bounding radius) fills most of the frame without being cropped.
 
-  A share `closeup_prob` of the views are face close-ups, as TADA renders 30% of its steps:
+  A share `closeup_prob` (70%) of the views are face close-ups (TADA renders 30% of its
+  steps so, for whole bodies; 70% was chosen on `benchmarks/bench_quality.py`):
   the eye is drawn as above but from the front half only (a normal of std `azimuth_spread`
   truncated to ±90°), it looks at `closeup_target` (the face in the world frame; empty until
   `sdsjax.fit_step.resolve_closeup_target` fills it from the head model) and the fov is narrowed by
@@ -100,7 +101,7 @@ class CameraRanges:
   # The eye stays outside the unit bounding sphere (and not absurdly far).
   distance_range: tuple[float, ...] = bounded((2.6, 3.2), 1.05, 100.0)
   fov_range: tuple[float, ...] = bounded((40.0, 45.0), 1.0, 170.0)
-  closeup_prob: float = bounded(0.3, 0.0, 1.0)
+  closeup_prob: float = bounded(0.7, 0.0, 1.0)
   # [x, y, z] in the world frame; [] (the default): behind the head's nose tip, from the head
   # model (`sdsjax.fit_step.resolve_closeup_target`).
   closeup_target: tuple[float, ...] = ()
